@@ -1,0 +1,1 @@
+"""Request lifecycle, CLI and (later) the gRPC servicer. Never touches tensors."""

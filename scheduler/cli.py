@@ -1,0 +1,117 @@
+"""The `specserve` command line. Builds configs by keyword and hands off; no logic here."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded model name (smollm2-135m), a local Hugging Face folder, or a .gguf file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and KV dtype (auto: float32 on CPU, bfloat16/float16 on GPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="size of the paged KV pool in GiB")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specserve", description="LLM serving with lossless speculative decoding")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate in-process (no Ray, no server)")
+    gen.add_argument("prompt", nargs="?", help="prompt text (raw, or a user message with --chat)")
+    gen.add_argument("--prompt-file", type=Path, help='JSONL: {"prompt": "..."} or {"messages": [...]} per line')
+    gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming text")
+    gen.add_argument("--spec", default="none",
+                     help="speculative decoding: none, recycling, ngram, or several joined by '+' (ngram+recycling)")
+    gen.add_argument("--spec-tokens", type=int, default=0,
+                     help="most draft tokens per sequence and step (0: sized per step from measured latency)")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+
+    bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side, see BENCH.md)")
+    bench.add_argument("suite", choices=("engine",), help="engine: our engine vs transformers generate()")
+    bench.add_argument("--num-prompts", type=int, default=8)
+    bench.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON results")
+    _add_model_args(bench)
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--seed", type=int, default=0, help="prompt selection seed")
+    return parser
+
+
+def _generate(args) -> None:
+    from specserve.workers.loader import load_engine
+    from specserve.workers.sequence import SamplingParams
+
+    from .generate_cmd import generate_all
+    from .prompts import Prompt, read_prompt_file
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give a PROMPT or --prompt-file (exactly one)")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+    )
+    if args.prompt_file is not None:
+        prompts = read_prompt_file(args.prompt_file)
+    elif args.chat:
+        prompts = [Prompt(messages=({"role": "user", "content": args.prompt},))]
+    else:
+        prompts = [Prompt(text=args.prompt)]
+    loaded = load_engine(args.model, **engine_options(args))
+    generate_all(loaded.engine, prompts, params, args.json)
+
+
+def engine_options(args) -> dict:
+    """load_engine keywords from the model arguments."""
+    from specserve.workers.engine import EngineConfig
+    from specserve.workers.spec.methods import SpecConfig
+
+    if args.kv_cache_gb <= 0:
+        raise ValueError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    spec = SpecConfig(getattr(args, "spec", "none"), getattr(args, "spec_tokens", 0))
+    config = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), spec=spec)
+    return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "config": config}
+
+
+def _bench(args) -> None:
+    from specserve.bench.engine_vs_hf import run_engine_bench
+
+    run_engine_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    from specserve.workers.model_source import ModelError
+
+    from .prompts import PromptError
+
+    try:
+        {"generate": _generate, "bench": _bench}[args.command](args)
+    except (ModelError, PromptError, ValueError) as e:
+        print(f"specserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

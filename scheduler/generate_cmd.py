@@ -1,0 +1,89 @@
+"""`specserve generate`: run prompts through the in-process engine, stream text or print JSON."""
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+from specserve.workers.engine import LLMEngine
+from specserve.workers.sequence import SamplingParams
+
+from .prompts import Prompt
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One prompt's outcome; `to_json` is the `--json` line."""
+
+    token_ids: list[int]  # completion only
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    elapsed_s: float  # this prompt's prefill + decode wall time, model load excluded
+    finish_reason: str
+    spec_method: str
+    spec_steps: int
+    drafted_tokens: int
+    accepted_tokens: int
+
+    def to_json(self) -> dict:
+        return {
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "ttft_s": round(self.ttft_s, 6),
+            "elapsed_s": round(self.elapsed_s, 6),
+            "finish_reason": self.finish_reason,
+            "spec": {
+                "method": self.spec_method,
+                "steps": self.spec_steps,
+                "drafted_tokens": self.drafted_tokens,
+                "accepted_tokens": self.accepted_tokens,
+            },
+        }
+
+
+def run_prompt(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, on_text=None) -> GenerationResult:
+    """Generates for one prompt; on_text(delta) is called as text becomes final."""
+    start = time.perf_counter()
+    token_ids, text, last = [], [], None
+    for out in engine.generate(prompt_ids, params):
+        token_ids.extend(out.new_token_ids)
+        if out.new_text:
+            text.append(out.new_text)
+            if on_text:
+                on_text(out.new_text)
+        last = out
+    seq = last.seq
+    return GenerationResult(
+        token_ids=token_ids,
+        text="".join(text),
+        prompt_tokens=len(prompt_ids),
+        completion_tokens=len(token_ids),
+        cached_tokens=seq.cached_tokens,
+        ttft_s=seq.first_token_time - start,
+        elapsed_s=seq.finish_time - start,
+        finish_reason=seq.finish_reason.value,
+        spec_method=engine.config.spec.method,
+        spec_steps=seq.decode_steps,
+        drafted_tokens=seq.drafted_tokens,
+        accepted_tokens=seq.accepted_tokens,
+    )
+
+
+def generate_all(engine: LLMEngine, prompts: list[Prompt], params: SamplingParams, as_json: bool) -> None:
+    """Runs each prompt in turn; streams text to stdout, or prints one JSON line per prompt."""
+    tokenizer = engine.tokenizer
+    for prompt in prompts:
+        ids = prompt.token_ids(tokenizer)
+        if as_json:
+            result = run_prompt(engine, ids, params)
+            print(json.dumps(result.to_json()), flush=True)
+        else:
+            run_prompt(engine, ids, params, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+            sys.stdout.write("\n")
+            sys.stdout.flush()

@@ -1,0 +1,1 @@
+"""The engine and the Ray actors that wrap it: model runner, paged KV cache, sampler."""

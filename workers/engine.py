@@ -1,0 +1,195 @@
+"""The in-process engine: requests in, tokens and text out, one forward per step."""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import time
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .forward_batch import SequenceSlots, build_forward_batch
+from .kv_cache import KVCacheConfig, PagedKVCache
+from .llama import LlamaModel
+from .sampler import sample_tokens
+from .sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from .spec.draft_tree import DraftTree
+from .spec.methods import SpecConfig, build_drafter
+from .spec.latency_profile import measure_latency_curve
+from .spec.speculator import Speculator
+from .spec.tree_size import LatencyCurve
+
+# Draft nodes per sequence and step when the latency model decides (it prunes from here).
+DEFAULT_MAX_DRAFT_TOKENS = 79
+from .step_planner import PlannerConfig, StepPlanner
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30  # the KV pool's size; at least one full context is always kept
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    seq: Sequence
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer,
+        config: EngineConfig = EngineConfig(),
+        eos_token_ids=(),
+        latency_curve: LatencyCurve | None = None,
+    ):
+        """latency_curve: the verify forward's measured t(S); with speculation on and no
+        max_draft_tokens it is measured here when not given (pass a cached one)."""
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        mc = model.config
+        self.max_model_len = mc.max_position_embeddings
+        kv_probe = KVCacheConfig(mc.num_layers, mc.num_kv_heads, mc.head_dim, 1, config.block_size, model.dtype)
+        min_blocks = -(-self.max_model_len // config.block_size)
+        num_blocks = max(min_blocks, config.kv_cache_bytes // kv_probe.bytes_per_block)
+        self.kv = PagedKVCache(
+            KVCacheConfig(mc.num_layers, mc.num_kv_heads, mc.head_dim, num_blocks, config.block_size,
+                          model.dtype, str(model.device))
+        )
+        self.planner = StepPlanner(config.planner, self.kv)
+        self.speculator = None
+        drafter = build_drafter(config.spec.method, mc.vocab_size)
+        if drafter is not None:
+            max_draft = config.spec.max_draft_tokens or DEFAULT_MAX_DRAFT_TOKENS
+            if latency_curve is None and not config.spec.max_draft_tokens:
+                latency_curve = measure_latency_curve(model, self.kv, max_slots=max_draft + 1)
+            self.speculator = Speculator(drafter, self.kv, max_draft, self.max_model_len, latency_curve)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._requests: dict[str, Sequence] = {}
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """Queues a request. Raises ValueError naming the limit when it cannot ever run."""
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len} "
+                "(prompt + at least one new token)"
+            )
+        seq = Sequence(list(prompt_ids), params, **({"request_id": request_id} if request_id else {}))
+        if seq.request_id in self._requests:
+            raise ValueError(f"request_id {seq.request_id!r} is already running")
+        self._requests[seq.request_id] = seq
+        self._detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop)
+        self.planner.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        seq = self._requests.get(request_id)
+        if seq is not None:
+            self._finish(seq, FinishReason.ABORT)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one forward over the planned sequences; returns what each produced."""
+        trees = self._draft_trees()
+        planned = self.planner.plan({seq: tree.size for seq, tree in trees.items()})
+        if not planned:
+            return []
+        spans, ready = [], []
+        for p in planned:
+            seq, tree = p.seq, trees.get(p.seq)
+            if tree is not None and p.num_new == tree.size:
+                spans.append(self.speculator.slots(seq, tree))
+                ready.append((seq, tree))
+            else:
+                start = seq.num_computed
+                spans.append(SequenceSlots(seq.table, seq.token_ids[start : start + p.num_new],
+                                           logits_rows=[p.num_new - 1] if p.completes else []))
+                if p.completes:
+                    ready.append((seq, None))
+        batch = build_forward_batch(spans, self.kv, self.model.config.sliding_window, self.model.device)
+        logits = self.model.forward(batch, self.kv)  # (L, V): tree seqs have one row per node
+        rows = logits.split([c for c in batch.logits_counts if c], dim=0)
+        plain = [(seq, row) for (seq, tree), row in zip(ready, rows) if tree is None]
+        tokens = dict(zip((s for s, _ in plain), sample_tokens(
+            torch.cat([r for _, r in plain]) if plain else logits[:0],
+            [s.params for s, _ in plain], [s.generator for s, _ in plain])))
+        outputs = []
+        for (seq, tree), row in zip(ready, rows):
+            new = [tokens[seq]] if tree is None else self.speculator.verify_and_commit(seq, tree, row).tokens
+            outputs.append(self._append(seq, new))
+        return outputs
+
+    def _draft_trees(self) -> dict[Sequence, DraftTree]:
+        """Draft trees for the running sequences that are decoding (not mid-prefill). A
+        root-only tree still goes through verification so the drafter observes the logits."""
+        if self.speculator is None:
+            return {}
+        decoding = [s for s in self.planner.running if s.num_tokens - s.num_computed == 1]
+        prefill = sum(s.num_tokens - s.num_computed for s in self.planner.running if s not in decoding)
+        prefill += sum(s.num_tokens - s.num_computed for s in self.planner.waiting)
+        other = min(prefill, self.config.planner.max_num_batched_tokens)
+        return dict(zip(decoding, self.speculator.propose(decoding, other)))
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Runs one request to the end, yielding each step's output (for in-process use)."""
+        seq = self.add_request(prompt_ids, params)
+        while not seq.is_finished:
+            for out in self.step():
+                if out.seq is seq:
+                    yield out
+
+    def _append(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+        """Appends tokens one by one until one of them finishes the sequence."""
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        seq.decode_steps += 1
+        detok = self._detokenizers[seq.request_id]
+        taken, text, reason = [], "", None
+        for token in new_tokens:
+            seq.output_ids.append(token)
+            taken.append(token)
+            text += detok.add([token])
+            if detok.stopped or (token in self.eos_token_ids and not seq.params.ignore_eos):
+                reason = FinishReason.STOP
+            elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                text += detok.flush()
+                self._finish(seq, reason)
+                break
+        return RequestOutput(seq.request_id, taken, text, reason is not None, reason, seq)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, reason, time.perf_counter()
+        self.planner.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
+        self._requests.pop(seq.request_id, None)
+        self._detokenizers.pop(seq.request_id, None)
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU; bf16 on GPUs that have it, else fp16."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32

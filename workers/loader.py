@@ -1,0 +1,80 @@
+"""Builds an engine from a `--model` argument: resolve, read config and weights, tokenizer."""
+
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from .engine import EngineConfig, LLMEngine, default_dtype
+from .llama import LlamaModel, MissingWeightError
+from .model_config import ModelConfig, UnsupportedConfigError
+from .model_source import (
+    ModelError,
+    ModelSource,
+    cache_root,
+    load_config,
+    load_state_dict,
+    load_tokenizer,
+    resolve_model,
+)
+from .spec.tree_size import LatencyCurve, curve_key
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    source: ModelSource
+    engine: LLMEngine
+
+
+def eos_token_ids(source: ModelSource, tokenizer) -> set[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    from transformers import GenerationConfig
+
+    ids = set()
+    try:
+        gen = GenerationConfig.from_pretrained(source.folder, local_files_only=True)
+        eos = gen.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass  # no generation_config.json
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def load_engine(
+    model: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    config: EngineConfig = EngineConfig(),
+    threads: int | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """threads: torch CPU threads (None leaves torch's choice). dtype: "auto" (fp32 on CPU, bf16/fp16 on GPU) or a DTYPES key.
+
+    Raises ModelError with a one-line message when the model cannot be used.
+    """
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    source = resolve_model(model, progress=progress)
+    try:
+        model_config = ModelConfig.from_hf(load_config(source))
+        torch_dtype = default_dtype(device) if dtype == "auto" else DTYPES[dtype]
+        weights = LlamaModel(model_config, load_state_dict(source), torch_dtype, device)
+    except (UnsupportedConfigError, MissingWeightError) as e:
+        raise ModelError(f"{source.name}: {e}") from None
+    tokenizer = load_tokenizer(source)
+    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else socket.gethostname()
+    key = curve_key(source.fingerprint, machine, device, str(torch_dtype), torch.get_num_threads())
+    curve_path = cache_root() / "profiles" / f"{key}.json"
+    curve = LatencyCurve.load(curve_path)
+    engine = LLMEngine(weights, tokenizer, config, eos_token_ids(source, tokenizer), latency_curve=curve)
+    if curve is None and engine.speculator is not None and engine.speculator.curve is not None:
+        engine.speculator.curve.save(curve_path)  # measured once per model, machine, dtype, threads
+    return LoadedModel(source, engine)

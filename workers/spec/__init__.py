@@ -1,0 +1,1 @@
+"""Lossless speculative decoding: drafters propose draft trees, the target verifies them."""

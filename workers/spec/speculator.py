@@ -1,0 +1,77 @@
+"""One speculation step for a sequence: draft a tree, lay it out, verify, commit its KV."""
+
+import torch
+
+from specserve.kernels.tree import tree_attention_mask
+
+from ..forward_batch import SequenceSlots
+from ..kv_cache import PagedKVCache
+from ..sampler import target_probs
+from ..sequence import Sequence
+from .draft_tree import DraftTree
+from .drafter import Drafter
+from .tree_size import AcceptanceStats, LatencyCurve, choose_trees
+from .verify import Acceptance, verify_greedy, verify_sampling
+
+
+class Speculator:
+    """Drafts, sizes, verifies and commits draft trees for the engine.
+
+    Tree size: with a latency curve, every step's trees are pruned to what maximises
+    expected tokens per second (tree_size.py); max_draft_tokens caps each tree either way.
+    """
+
+    def __init__(
+        self,
+        drafter: Drafter,
+        kv: PagedKVCache,
+        max_draft_tokens: int,
+        max_model_len: int,
+        curve: LatencyCurve | None = None,
+    ):
+        self.drafter, self.kv = drafter, kv
+        self.max_draft_tokens, self.max_model_len = max_draft_tokens, max_model_len
+        self.curve = curve
+        self.stats = AcceptanceStats()
+
+    def propose(self, seqs: list[Sequence], other_slots: int = 0) -> list[DraftTree]:
+        """Draft trees rooted at each sequence's last token (whose KV is not computed yet),
+        no deeper than the tokens it may still produce or the context can hold."""
+        trees = []
+        for seq in seqs:
+            tree = self.drafter.propose(seq, self.max_draft_tokens + 1)
+            room = min(seq.params.max_new_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens) - 1
+            trees.append(tree.limit_depth(max(room, 0)))
+        if self.curve is not None and trees:
+            trees = choose_trees(trees, self.stats, self.curve, other_slots)
+        return trees
+
+    def slots(self, seq: Sequence, tree: DraftTree) -> SequenceSlots:
+        """The tree as new slots of seq: position = prefix length + depth, tree attention."""
+        prefix = seq.num_computed
+        return SequenceSlots(
+            seq.table,
+            tree.tokens,
+            positions=[prefix + d for d in tree.depths],
+            tree_mask=tree_attention_mask(tree.parents),
+            logits_rows=list(range(tree.size)),
+        )
+
+    def verify_and_commit(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor) -> Acceptance:
+        """Verifies the tree with the target's logits at its nodes [tree.size, V], keeps the
+        accepted path's KV (root included) and frees the rest; returns the new tokens."""
+        prefix = seq.num_computed - tree.size
+        if seq.params.greedy:
+            acceptance = verify_greedy(tree, logits.argmax(dim=-1).tolist())
+        else:
+            acceptance = verify_sampling(tree, lambda node: target_probs(logits[node], seq.params), seq.generator)
+        self.kv.compact(seq.table, prefix, acceptance.path)
+        self.drafter.observe(seq, tree, logits, acceptance)
+        self.stats.record(tree, acceptance.path)
+        seq.spec_steps += 1
+        seq.drafted_tokens += tree.num_drafted
+        seq.accepted_tokens += acceptance.num_accepted
+        return acceptance
+
+    def release(self, seq: Sequence) -> None:
+        self.drafter.release(seq)
