@@ -9,6 +9,10 @@ Example, two sequences: a decode step (P=5, Q=1) and a 3-node tree (P=2) drawn a
     r ─ a        (a, b are children of the root r)
       └ b
 The tree's mask over its new slots [r, a, b] is [[1,0,0],[1,1,0],[1,0,1]].
+
+A mask may also cover earlier keys: [Q, R] with R > Q describes the last R keys, of which
+the new slots are the last Q (a draft model growing a tree level by level attends to the
+tree nodes it wrote at earlier levels, but not to their siblings).
 """
 
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ class PagedAttentionLayout:
 def build_paged_layout(
     kv_slots: list[torch.Tensor],  # per sequence: [K_b] cache slots, prefix keys then new slots
     num_new: list[int],  # per sequence: Q_b, the new slots (the last Q_b of its keys)
-    tree_masks: list[torch.Tensor | None] | None = None,  # per sequence: [Q_b, Q_b] bool or None = causal
+    tree_masks: list[torch.Tensor | None] | None = None,  # per sequence: [Q_b, R_b] bool over its last R_b keys, or None = causal
     query_positions: list[torch.Tensor] | None = None,  # per sequence: [Q_b], needed with a sliding window
     sliding_window: int | None = None,
 ) -> PagedAttentionLayout:
@@ -78,17 +82,17 @@ def build_paged_layout(
 
     mask = torch.zeros(num_seqs, 1, max_q, max_k, dtype=torch.bool, device=device)
     for b, (q_len, k_len, tree) in enumerate(zip(num_new, key_lens, tree_masks)):
-        prefix = k_len - q_len
-        mask[b, 0, :q_len, :prefix] = True
         new = tree.to(device=device, dtype=torch.bool) if tree is not None else None
         if new is None:
             new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril_()
-        elif new.shape != (q_len, q_len):
-            raise ValueError(f"tree mask has shape {tuple(new.shape)}, expected ({q_len}, {q_len})")
+        elif new.dim() != 2 or new.shape[0] != q_len or not q_len <= new.shape[1] <= k_len:
+            raise ValueError(f"tree mask has shape {tuple(new.shape)}, expected ({q_len}, R) with {q_len} <= R <= {k_len}")
+        prefix = k_len - new.shape[1]
+        mask[b, 0, :q_len, :prefix] = True
         mask[b, 0, :q_len, prefix:k_len] = new
         if window_binds:
-            if query_positions is None:
-                raise ValueError("a sliding window needs query_positions")
+            if query_positions is None or new.shape[1] != q_len:
+                raise ValueError("a sliding window needs query_positions and a mask over the new slots only")
             q_pos = query_positions[b].to(device)  # (Q_b,)
             k_pos = torch.cat([torch.arange(prefix, device=device), q_pos])  # (K_b,)
             mask[b, 0, :q_len, :k_len] &= (q_pos[:, None] - k_pos[None, :]) < sliding_window

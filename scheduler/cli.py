@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming text")
     gen.add_argument("--spec", default="none",
-                     help="speculative decoding: none, recycling, ngram, or several joined by '+' (ngram+recycling)")
+                     help="speculative decoding: none, recycling, ngram, model, or several joined by '+' (ngram+recycling)")
+    gen.add_argument("--draft-model", default=None,
+                     help="the draft model of --spec model (a name, folder or .gguf sharing the target's tokenizer)")
     gen.add_argument("--spec-tokens", type=int, default=0,
                      help="most draft tokens per sequence and step (0: sized per step from measured latency)")
     _add_model_args(gen)
@@ -84,7 +86,7 @@ def engine_options(args) -> dict:
         raise ValueError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    spec = SpecConfig(getattr(args, "spec", "none"), getattr(args, "spec_tokens", 0))
+    spec = SpecConfig(getattr(args, "spec", "none"), getattr(args, "spec_tokens", 0), getattr(args, "draft_model", None))
     config = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), spec=spec)
     return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "config": config}
 

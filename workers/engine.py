@@ -15,6 +15,7 @@ from .sampler import sample_tokens
 from .sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 from .spec.draft_tree import DraftTree
 from .spec.methods import SpecConfig, build_drafter
+from .spec.model_drafter import ModelDrafter
 from .spec.latency_profile import measure_latency_curve
 from .spec.speculator import Speculator
 from .spec.tree_size import LatencyCurve
@@ -58,9 +59,11 @@ class LLMEngine:
         config: EngineConfig = EngineConfig(),
         eos_token_ids=(),
         latency_curve: LatencyCurve | None = None,
+        draft_model: LlamaModel | None = None,
     ):
         """latency_curve: the verify forward's measured t(S); with speculation on and no
-        max_draft_tokens it is measured here when not given (pass a cached one)."""
+        max_draft_tokens it is measured here when not given (pass a cached one).
+        draft_model: the `model` drafter's LM (same vocabulary); it gets its own KV pool."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.eos_token_ids = frozenset(eos_token_ids)
         mc = model.config
@@ -74,7 +77,7 @@ class LLMEngine:
         )
         self.planner = StepPlanner(config.planner, self.kv)
         self.speculator = None
-        drafter = build_drafter(config.spec.method, mc.vocab_size)
+        drafter = build_drafter(config.spec.method, mc.vocab_size, self._model_drafter(draft_model))
         if drafter is not None:
             max_draft = config.spec.max_draft_tokens or DEFAULT_MAX_DRAFT_TOKENS
             if latency_curve is None and not config.spec.max_draft_tokens:
@@ -82,6 +85,19 @@ class LLMEngine:
             self.speculator = Speculator(drafter, self.kv, max_draft, self.max_model_len, latency_curve)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
+
+    def _model_drafter(self, draft_model: LlamaModel | None) -> ModelDrafter | None:
+        if draft_model is None:
+            return None
+        dc = draft_model.config
+        if dc.vocab_size != self.model.config.vocab_size:
+            raise ValueError(f"draft model vocabulary ({dc.vocab_size}) differs from the target's ({self.model.config.vocab_size})")
+        # Every sequence's committed tokens, plus room for the tree slots of a proposal each.
+        tree_blocks = -(-ModelDrafter.max_tree_slots() // self.config.block_size) + 1
+        blocks = self.kv.config.num_blocks + self.config.planner.max_num_seqs * tree_blocks
+        kv = PagedKVCache(KVCacheConfig(dc.num_layers, dc.num_kv_heads, dc.head_dim, blocks, self.config.block_size,
+                                        draft_model.dtype, str(draft_model.device)))
+        return ModelDrafter(draft_model, kv)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
         """Queues a request. Raises ValueError naming the limit when it cannot ever run."""

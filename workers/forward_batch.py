@@ -16,7 +16,7 @@ class SequenceSlots:
     table: BlockTable  # the sequence's blocks; the forward appends len(token_ids) slots to it
     token_ids: list[int]  # new tokens, in slot order
     positions: list[int] | None = None  # default: consecutive after the table's tokens
-    tree_mask: torch.Tensor | None = None  # [n, n] bool, slot i sees slot j; None = causal
+    tree_mask: torch.Tensor | None = None  # [n, R] bool over the last R keys (R >= n); None = causal
     logits_rows: list[int] | None = None  # which of the new slots need logits; None = the last
 
 

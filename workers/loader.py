@@ -45,6 +45,13 @@ def eos_token_ids(source: ModelSource, tokenizer) -> set[int]:
     return ids
 
 
+def _load_weights(source: ModelSource, dtype: torch.dtype, device: str) -> LlamaModel:
+    try:
+        return LlamaModel(ModelConfig.from_hf(load_config(source)), load_state_dict(source), dtype, device)
+    except (UnsupportedConfigError, MissingWeightError) as e:
+        raise ModelError(f"{source.name}: {e}") from None
+
+
 def load_engine(
     model: str,
     *,
@@ -62,19 +69,23 @@ def load_engine(
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     if threads is not None:
         torch.set_num_threads(threads)
+    torch_dtype = default_dtype(device) if dtype == "auto" else DTYPES[dtype]
     source = resolve_model(model, progress=progress)
-    try:
-        model_config = ModelConfig.from_hf(load_config(source))
-        torch_dtype = default_dtype(device) if dtype == "auto" else DTYPES[dtype]
-        weights = LlamaModel(model_config, load_state_dict(source), torch_dtype, device)
-    except (UnsupportedConfigError, MissingWeightError) as e:
-        raise ModelError(f"{source.name}: {e}") from None
+    weights = _load_weights(source, torch_dtype, device)
     tokenizer = load_tokenizer(source)
+    draft = None
+    if config.spec.draft_model:
+        draft_source = resolve_model(config.spec.draft_model, progress=progress)
+        if load_tokenizer(draft_source).get_vocab() != tokenizer.get_vocab():
+            raise ModelError(f"draft model {draft_source.name} has another tokenizer than {source.name}; "
+                             "a draft model must share the target's vocabulary")
+        draft = _load_weights(draft_source, torch_dtype, device)
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else socket.gethostname()
     key = curve_key(source.fingerprint, machine, device, str(torch_dtype), torch.get_num_threads())
     curve_path = cache_root() / "profiles" / f"{key}.json"
     curve = LatencyCurve.load(curve_path)
-    engine = LLMEngine(weights, tokenizer, config, eos_token_ids(source, tokenizer), latency_curve=curve)
+    engine = LLMEngine(weights, tokenizer, config, eos_token_ids(source, tokenizer), latency_curve=curve,
+                       draft_model=draft)
     if curve is None and engine.speculator is not None and engine.speculator.curve is not None:
         engine.speculator.curve.save(curve_path)  # measured once per model, machine, dtype, threads
     return LoadedModel(source, engine)

@@ -95,8 +95,18 @@ def test_tree_mask_sits_after_the_prefix_columns():
 
 
 def test_tree_mask_of_the_wrong_shape_raises():
-    with pytest.raises(ValueError, match=r"tree mask has shape \(4, 4\), expected \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"tree mask has shape \(4, 4\), expected \(3, R\) with 3 <= R <= 4"):
         build_paged_layout([slots(0, 1, 2, 3)], [3], [TREE_4])
+
+
+def test_tree_mask_may_cover_earlier_tree_keys():
+    # Keys: prefix p0 p1, tree nodes a b written earlier, new slots c (child of a), d (child of b).
+    #          p0 p1 a  b  c  d
+    #   c      1  1  1  0  1  0
+    #   d      1  1  0  1  0  1
+    grow = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
+    layout = build_paged_layout([torch.arange(6)], [2], [grow])
+    assert layout.mask[0, 0].tolist() == [[T, T, T, F, T, F], [T, T, F, T, F, T]]
 
 
 def test_sliding_window_masks_old_keys():

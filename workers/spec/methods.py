@@ -12,24 +12,23 @@ class SpecMethod(enum.Enum):
     NONE = "none"
     RECYCLING = "recycling"
     NGRAM = "ngram"
-
-
-TRAIN_FREE = (SpecMethod.RECYCLING, SpecMethod.NGRAM)
+    MODEL = "model"
 
 
 @dataclass(frozen=True)
 class SpecConfig:
     method: str = "none"  # a SpecMethod value or several joined by '+', e.g. "ngram+recycling"
     max_draft_tokens: int = 0  # draft nodes per sequence and step; 0 = chosen per step by the latency model
+    draft_model: str | None = None  # the `model` drafter's model (a --model style argument)
 
     def __post_init__(self):
-        parse_method(self.method)
+        uses_model = SpecMethod.MODEL in parse_method(self.method)
+        if uses_model and not self.draft_model:
+            raise ValueError("spec method 'model' needs a draft model (--draft-model)")
+        if self.draft_model and not uses_model:
+            raise ValueError(f"a draft model is only used by spec method 'model', not {self.method!r}")
         if self.max_draft_tokens < 0:
             raise ValueError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
-
-    @property
-    def enabled(self) -> bool:
-        return parse_method(self.method) != [SpecMethod.NONE]
 
 
 def parse_method(method: str) -> list[SpecMethod]:
@@ -46,11 +45,17 @@ def parse_method(method: str) -> list[SpecMethod]:
     return parts
 
 
-def build_drafter(method: str, vocab_size: int) -> Drafter | None:
-    """The drafter for a method; None for 'none'."""
+def build_drafter(method: str, vocab_size: int, model_drafter: Drafter | None = None) -> Drafter | None:
+    """The drafter for a method; None for 'none'. model_drafter serves the 'model' part."""
     parts = parse_method(method)
     if parts == [SpecMethod.NONE]:
         return None
-    factories = {SpecMethod.RECYCLING: lambda: RecyclingDrafter(vocab_size), SpecMethod.NGRAM: NgramDrafter}
+    if SpecMethod.MODEL in parts and model_drafter is None:
+        raise ValueError("spec method 'model' needs a loaded draft model")
+    factories = {
+        SpecMethod.RECYCLING: lambda: RecyclingDrafter(vocab_size),
+        SpecMethod.NGRAM: NgramDrafter,
+        SpecMethod.MODEL: lambda: model_drafter,
+    }
     drafters = [factories[m]() for m in parts]
     return drafters[0] if len(drafters) == 1 else CombinedDrafter(drafters)

@@ -75,10 +75,17 @@ class AcceptanceStats:
                 self.accepted[d][r] += child in on_path
 
     def chances(self, tree: DraftTree) -> list[float]:
-        """Each node's estimated chance to be on the accepted path (root: 1)."""
+        """Each node's estimated chance to be on the accepted path (root: 1), never above
+        its parent's or an earlier sibling's: pruning by chance then keeps a tree whose
+        siblings are a prefix of the drafter's order (which sampled drafts need)."""
         ranks, chance = tree.sibling_ranks(), [1.0] * tree.size
+        last_sibling: dict[int, int] = {}
         for i in range(1, tree.size):
-            chance[i] = chance[tree.parents[i]] * self.rate(tree.depths[i], ranks[i])
+            parent = tree.parents[i]
+            chance[i] = chance[parent] * self.rate(tree.depths[i], ranks[i])
+            if parent in last_sibling:
+                chance[i] = min(chance[i], chance[last_sibling[parent]])
+            last_sibling[parent] = i
         return chance
 
 

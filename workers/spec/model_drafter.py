@@ -1,0 +1,154 @@
+"""A small causal LM that shares the target's tokenizer drafts a dynamic tree.
+
+The tree grows level by level from the draft model's own probabilities (EAGLE-2, arXiv
+2406.16858): every node's score is its cumulative draft probability (the product along its
+path); each level expands the `beam` best-scored new nodes, each proposing its `top_k` likeliest
+next tokens; at the end the `max_nodes` best-scored nodes form the tree (a child never
+outscores its parent, so that is a tree).
+
+For a sampling request the children are *drawn* from the draft distribution q (without
+replacement) instead of taken by rank, and q is recorded with the tree, so verification can
+run SpecInfer's rejection over draft probabilities; greedy requests use ranks and the
+target-only form, which is lossless for any proposal.
+
+The draft model keeps its own paged KV per sequence, for the committed tokens only: each
+proposal first feeds the tokens committed since the last one, then writes tree nodes after
+them, and gives those tree slots back before returning.
+"""
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from ..forward_batch import SequenceSlots, build_forward_batch
+from ..kv_cache import BlockTable, OutOfBlocksError, PagedKVCache
+from ..llama import LlamaModel
+from ..sampler import target_probs
+from ..sequence import Sequence
+from .draft_tree import DraftTree
+from .drafter import Drafter
+
+
+@dataclass
+class _Candidate:
+    score: float  # cumulative draft probability of the path
+    depth: int
+    token: int
+    parent: int  # index of the parent candidate, -1 for the root's children
+    q: torch.Tensor | None  # [V] the distribution it was drawn from (sampling only)
+    draft_slot: int = -1  # its position among the tree slots in the draft KV, once forwarded
+
+
+TOP_K, BEAM, MAX_DEPTH = 4, 4, 8
+
+
+class ModelDrafter(Drafter):
+    name = "model"
+
+    def __init__(self, model: LlamaModel, kv: PagedKVCache, top_k: int = TOP_K, beam: int = BEAM,
+                 max_depth: int = MAX_DEPTH):
+        self.model, self.kv = model, kv
+        self.top_k, self.beam, self.max_depth = top_k, beam, max_depth
+        self._tables: dict[Sequence, BlockTable] = {}
+
+    @staticmethod
+    def max_tree_slots(beam: int = BEAM, max_depth: int = MAX_DEPTH) -> int:
+        """Draft-KV slots one proposal may write beyond the committed tokens."""
+        return beam * max_depth
+
+    def propose(self, seq: Sequence, max_nodes: int) -> DraftTree:
+        table = self._tables.setdefault(seq, BlockTable())
+        committed = seq.num_tokens  # the root (last token) included
+        if table.num_tokens >= committed:  # a preempted sequence starts over
+            self.kv.truncate(table, 0)
+        try:
+            root_q = self._forward(table, seq.token_ids[table.num_tokens :], None, [], seq)[0]  # [V]
+            cands = self._grow(seq, table, root_q, committed, max_nodes)
+        except OutOfBlocksError:  # the draft pool is full: no draft this step
+            return DraftTree.root_only(seq.token_ids[-1])
+        finally:
+            self.kv.truncate(table, min(committed, table.num_tokens))  # drop the tree slots
+        return self._tree(seq.token_ids[-1], cands, max_nodes, sampled=not seq.params.greedy)
+
+    def release(self, seq: Sequence) -> None:
+        table = self._tables.pop(seq, None)
+        if table is not None:
+            self.kv.free(table)
+
+    def _grow(self, seq: Sequence, table: BlockTable, root_q: torch.Tensor, committed: int, max_nodes: int):
+        cands = self._children(seq, root_q, -1, 1.0, 0)
+        frontier = list(range(len(cands)))
+        forwarded: list[int] = []  # candidates with KV in the tree slots, in slot order
+        depth = 1
+        while depth <= min(self.max_depth - 1, max_nodes - 2):
+            expand = heapq.nlargest(self.beam, frontier, key=lambda c: cands[c].score)
+            if not expand:
+                break
+            mask = self._grow_mask(cands, forwarded, expand)
+            positions = [committed - 1 + depth] * len(expand)
+            for i, c in enumerate(expand):
+                cands[c].draft_slot = len(forwarded) + i
+            q_rows = self._forward(table, [cands[c].token for c in expand], mask, positions, seq)
+            forwarded += expand
+            frontier = []
+            for c, q in zip(expand, q_rows):
+                start = len(cands)
+                cands += self._children(seq, q, c, cands[c].score, depth)
+                frontier += range(start, len(cands))
+            depth += 1
+        return cands
+
+    def _children(self, seq: Sequence, q: torch.Tensor, parent: int, score: float, depth: int) -> list[_Candidate]:
+        """top_k next tokens of a node: the likeliest (greedy) or drawn without replacement."""
+        if seq.params.greedy:
+            probs, tokens = q.topk(self.top_k)
+            return [_Candidate(score * float(p), depth + 1, int(t), parent, None) for p, t in zip(probs, tokens)]
+        picks = torch.multinomial(q, min(self.top_k, int((q > 0).sum())), replacement=False, generator=seq.generator)
+        return [_Candidate(score * float(q[t]), depth + 1, int(t), parent, q) for t in picks]
+
+    def _grow_mask(self, cands: list[_Candidate], forwarded: list[int], expand: list[int]) -> torch.Tensor:
+        """[len(expand), len(forwarded) + len(expand)]: each new node sees its forwarded ancestors and itself."""
+        mask = torch.zeros(len(expand), len(forwarded) + len(expand), dtype=torch.bool)
+        for i, c in enumerate(expand):
+            mask[i, len(forwarded) + i] = True
+            a = cands[c].parent
+            while a >= 0:
+                mask[i, cands[a].draft_slot] = True
+                a = cands[a].parent
+        return mask
+
+    def _forward(self, table, tokens, mask, positions, seq: Sequence) -> list[torch.Tensor]:
+        """Runs new slots through the draft model; returns q [V] at each of them."""
+        slots = SequenceSlots(table, list(tokens), positions=positions or None, tree_mask=mask,
+                              logits_rows=list(range(len(tokens))) if mask is not None else None)
+        logits = self.model.forward(build_forward_batch([slots], self.kv, None, self.model.device), self.kv)
+        if seq.params.greedy:
+            return list(torch.softmax(logits, dim=-1))
+        return [target_probs(row, seq.params) for row in logits]
+
+    def _tree(self, root: int, cands: list[_Candidate], max_nodes: int, sampled: bool) -> DraftTree:
+        best = set(heapq.nlargest(max_nodes - 1, range(len(cands)), key=lambda c: (cands[c].score, -cands[c].depth)))
+        if sampled:
+            best = self._draw_order_prefix(cands, best)
+        keep = sorted(best, key=lambda c: (cands[c].depth, c))  # parents before children
+        index = {c: i + 1 for i, c in enumerate(keep)}
+        tokens = [root] + [cands[c].token for c in keep]
+        parents = [-1] + [index[cands[c].parent] if cands[c].parent >= 0 else 0 for c in keep]
+        q = None
+        if sampled and keep:
+            q = torch.stack([cands[keep[0]].q] + [cands[c].q for c in keep])  # row 0 unused
+        return DraftTree(tokens, parents, q)
+
+    @staticmethod
+    def _draw_order_prefix(cands: list[_Candidate], best: set[int]) -> set[int]:
+        """Drops every sibling drawn after a dropped one (and its subtree): rejection over
+        drafts drawn without replacement is exact only for a prefix of the draws."""
+        keep, broken = set(), set()  # broken: parents that lost a child already
+        for c in range(len(cands)):  # creation order: parents first, siblings in draw order
+            parent = cands[c].parent
+            if c in best and parent not in broken and (parent < 0 or parent in keep):
+                keep.add(c)
+            else:
+                broken.add(parent)
+        return keep
