@@ -45,8 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side, see BENCH.md)")
-    bench.add_argument("suite", choices=("engine",), help="engine: our engine vs transformers generate()")
-    bench.add_argument("--num-prompts", type=int, default=8)
+    bench.add_argument("suite", choices=("engine", "spec"),
+                       help="engine: our engine vs transformers generate(); spec: every drafter vs transformers")
+    bench.add_argument("--num-prompts", type=int, default=8, help="prompts per category (HumanEval, ShareGPT)")
+    bench.add_argument("--methods", default="ngram,recycling,ngram+recycling",
+                       help="spec suite: comma-separated spec methods to run beside speculation off")
+    bench.add_argument("--spec-tokens", type=int, default=0, help="spec suite: most draft tokens (0: latency-sized)")
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON results")
     _add_model_args(bench)
     bench.add_argument("--max-new-tokens", type=int, default=128)
@@ -92,9 +96,16 @@ def engine_options(args) -> dict:
 
 
 def _bench(args) -> None:
-    from specserve.bench.engine_vs_hf import run_engine_bench
+    if args.num_prompts < 1 or args.max_new_tokens < 1:
+        raise ValueError("--num-prompts and --max-new-tokens must be >= 1")
+    if args.suite == "spec":
+        from specserve.bench.spec_vs_hf import run_spec_bench
 
-    run_engine_bench(args)
+        run_spec_bench(args)
+    else:
+        from specserve.bench.engine_vs_hf import run_engine_bench
+
+        run_engine_bench(args)
 
 
 def main(argv: list[str] | None = None) -> int:

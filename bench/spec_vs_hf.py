@@ -1,0 +1,174 @@
+"""`specserve bench spec`: speculative decoding vs transformers, side by side in one run.
+
+Per prompt, every contender runs back to back on the same tokens (greedy, a fixed number of
+new tokens, end-of-sequence ignored): transformers `generate()`, transformers prompt lookup
+(`prompt_lookup_num_tokens=10`), our engine with speculation off, and each drafter. Ratios
+are geometric means of per-prompt tokens/s ratios. Outputs must be identical to ours with
+speculation off; any mismatch is reported with its first differing position.
+"""
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specserve.scheduler.prompts import Prompt
+from specserve.workers.engine import EngineConfig, LLMEngine
+from specserve.workers.loader import load_engine
+from specserve.workers.sequence import SamplingParams
+from specserve.workers.spec.methods import SpecConfig
+
+from .prompt_sets import humaneval_prompts, sharegpt_prompts
+
+HF_GREEDY, HF_LOOKUP, OURS_NONE = "hf-generate", "hf-prompt-lookup", "none"
+
+
+@dataclass
+class Contender:
+    name: str
+    tokens_per_s: list[float] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    steps: int = 0
+    accepted: int = 0
+    drafted: int = 0
+    mismatches: list[dict] = field(default_factory=list)
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else float("nan")
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def run_ours(engine: LLMEngine, ids: list[int], n: int) -> tuple[list[int], float, object]:
+    start = time.perf_counter()
+    seq = engine.add_request(ids, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    return seq.output_ids, time.perf_counter() - start, seq
+
+
+def run_hf(model, ids: list[int], n: int, lookup: bool) -> tuple[list[int], float]:
+    x = torch.tensor([ids])
+    extra = {"prompt_lookup_num_tokens": 10} if lookup else {}
+    start = time.perf_counter()
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, **extra)
+    return out[0, len(ids):].tolist(), time.perf_counter() - start
+
+
+def run_spec_bench(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    methods = [OURS_NONE, *[m for m in args.methods.split(",") if m and m != OURS_NONE]]
+    specs = [SpecConfig(m, args.spec_tokens) for m in methods]  # validates the names first
+    # Loaded with a drafter so the cached latency curve (or a fresh measurement) comes along.
+    loaded = load_engine(args.model, device=args.device, dtype=args.dtype, threads=args.threads or 2,
+                         config=EngineConfig(spec=specs[-1]), progress=True)
+    base = loaded.engine
+    tokenizer = base.tokenizer
+    curve = base.speculator.curve if base.speculator else None
+    hf = AutoModelForCausalLM.from_pretrained(loaded.source.folder, dtype=base.model.dtype, local_files_only=True).eval()
+    engines = {
+        s.method: LLMEngine(base.model, tokenizer, EngineConfig(spec=s), base.eos_token_ids, latency_curve=curve)
+        for s in specs
+    }
+    prompts = humaneval_prompts(args.num_prompts, args.seed) + sharegpt_prompts(args.num_prompts, args.seed)
+    print(f"seed {args.seed}: {args.num_prompts} HumanEval + {args.num_prompts} ShareGPT prompts, "
+          f"{args.max_new_tokens} new tokens, {torch.get_num_threads()} threads, {base.model.dtype}")
+    contenders = {name: Contender(name) for name in [HF_GREEDY, HF_LOOKUP, *methods]}
+    warm = tokenizer("def warm_up():")["input_ids"]
+    for engine in engines.values():
+        run_ours(engine, warm, 8)
+    run_hf(hf, warm, 8, lookup=False)
+    for p in tqdm(prompts, desc="prompts", unit="prompt"):
+        ids = Prompt(text=p.text, messages=p.messages).token_ids(tokenizer)
+        n = args.max_new_tokens
+        ref, elapsed, _ = run_ours(engines[OURS_NONE], ids, n)
+        _record(contenders[OURS_NONE], p.category, n, elapsed, ref, ref, p.prompt_id)
+        for name, lookup in ((HF_GREEDY, False), (HF_LOOKUP, True)):
+            out, elapsed = run_hf(hf, ids, n, lookup)
+            _record(contenders[name], p.category, n, elapsed, out, ref, p.prompt_id)
+        for m in methods[1:]:
+            out, elapsed, seq = run_ours(engines[m], ids, n)
+            c = contenders[m]
+            _record(c, p.category, n, elapsed, out, ref, p.prompt_id)
+            c.steps, c.accepted, c.drafted = c.steps + seq.decode_steps, c.accepted + seq.accepted_tokens, c.drafted + seq.drafted_tokens
+    report = _report(contenders, curve, args)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spec_vs_hf.json").write_text(json.dumps(report, indent=2))
+    if curve is not None:
+        _plot_curve(curve, out_dir / "verify_latency_vs_tree_size.png")
+    print(f"results: {out_dir / 'spec_vs_hf.json'}")
+    return report
+
+
+def _record(c: Contender, category: str, n: int, elapsed: float, out: list[int], ref: list[int], prompt_id: str):
+    c.tokens_per_s.append(n / elapsed)
+    c.categories.append(category)
+    diff = first_difference(out, ref)
+    if diff is not None:
+        c.mismatches.append({"prompt": prompt_id, "first_difference": diff})
+
+
+def _ratio(a: Contender, b: Contender, category: str | None = None) -> float:
+    pairs = [(x, y) for x, y, cat in zip(a.tokens_per_s, b.tokens_per_s, a.categories) if category in (None, cat)]
+    return geomean([x / y for x, y in pairs])
+
+
+def _report(contenders: dict[str, Contender], curve, args) -> dict:
+    hf, lookup = contenders[HF_GREEDY], contenders[HF_LOOKUP]
+    rows = {}
+    print(f"\n{'contender':22s} {'tok/s':>7s} {'x HF gen':>9s} {'x HF PLD':>9s} {'code':>6s} {'chat':>6s} {'acc/step':>9s} mismatches")
+    for name, c in contenders.items():
+        row = {
+            "tokens_per_s_geomean": geomean(c.tokens_per_s),
+            "vs_hf_generate": _ratio(c, hf),
+            "vs_hf_prompt_lookup": _ratio(c, lookup),
+            "vs_hf_generate_code": _ratio(c, hf, "code"),
+            "vs_hf_generate_chat": _ratio(c, hf, "chat"),
+            "mean_accepted_per_step": c.accepted / c.steps if c.steps else None,
+            "drafted_tokens": c.drafted,
+            "accepted_tokens": c.accepted,
+            "mismatches": c.mismatches,
+        }
+        rows[name] = row
+        acc = f"{row['mean_accepted_per_step']:.2f}" if c.steps else "-"
+        print(f"{name:22s} {row['tokens_per_s_geomean']:7.1f} {row['vs_hf_generate']:9.2f} {row['vs_hf_prompt_lookup']:9.2f} "
+              f"{row['vs_hf_generate_code']:6.2f} {row['vs_hf_generate_chat']:6.2f} {acc:>9s} {len(c.mismatches)}")
+    return {
+        "seed": args.seed,
+        "num_prompts_per_category": args.num_prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "threads": torch.get_num_threads(),
+        "contenders": rows,
+        "verify_latency_curve": None if curve is None else {"slots": curve.slots, "seconds": curve.seconds},
+    }
+
+
+def _plot_curve(curve, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(curve.slots, [s * 1000 for s in curve.seconds], marker="o")
+    ax.set_xlabel("tokens in the verify forward (tree size + root)")
+    ax.set_ylabel("forward time (ms)")
+    ax.set_title("Verify latency vs tree size")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
