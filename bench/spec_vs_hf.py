@@ -8,9 +8,6 @@ speculation off; any mismatch is reported with its first differing position.
 """
 
 import json
-import math
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +17,9 @@ from tqdm import tqdm
 from specserve.scheduler.prompts import Prompt
 from specserve.workers.engine import EngineConfig, LLMEngine
 from specserve.workers.loader import load_engine
-from specserve.workers.sequence import SamplingParams
 from specserve.workers.spec.methods import SpecConfig
 
+from .harness import first_difference, geomean, hf_model_like, run_hf, run_ours
 from .prompt_sets import humaneval_prompts, sharegpt_prompts
 
 HF_GREEDY, HF_LOOKUP, OURS_NONE = "hf-generate", "hf-prompt-lookup", "none"
@@ -39,34 +36,7 @@ class Contender:
     mismatches: list[dict] = field(default_factory=list)
 
 
-def geomean(xs: list[float]) -> float:
-    return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else float("nan")
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
-
-
-def run_ours(engine: LLMEngine, ids: list[int], n: int) -> tuple[list[int], float, object]:
-    start = time.perf_counter()
-    seq = engine.add_request(ids, SamplingParams(max_new_tokens=n, ignore_eos=True))
-    while engine.has_unfinished():
-        engine.step()
-    return seq.output_ids, time.perf_counter() - start, seq
-
-
-def run_hf(model, ids: list[int], n: int, lookup: bool) -> tuple[list[int], float]:
-    x = torch.tensor([ids])
-    extra = {"prompt_lookup_num_tokens": 10} if lookup else {}
-    start = time.perf_counter()
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         eos_token_id=None, pad_token_id=0, **extra)
-    return out[0, len(ids):].tolist(), time.perf_counter() - start
-
-
 def run_spec_bench(args) -> dict:
-    from transformers import AutoModelForCausalLM
-
     methods = [OURS_NONE, *[m for m in args.methods.split(",") if m and m != OURS_NONE]]
     specs = [SpecConfig(m, args.spec_tokens) for m in methods]  # validates the names first
     # Loaded with a drafter so the cached latency curve (or a fresh measurement) comes along.
@@ -75,7 +45,7 @@ def run_spec_bench(args) -> dict:
     base = loaded.engine
     tokenizer = base.tokenizer
     curve = base.speculator.curve if base.speculator else None
-    hf = AutoModelForCausalLM.from_pretrained(loaded.source.folder, dtype=base.model.dtype, local_files_only=True).eval()
+    hf = hf_model_like(loaded)
     engines = {
         s.method: LLMEngine(base.model, tokenizer, EngineConfig(spec=s), base.eos_token_ids, latency_curve=curve)
         for s in specs

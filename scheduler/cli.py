@@ -35,10 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-file", type=Path, help='JSONL: {"prompt": "..."} or {"messages": [...]} per line')
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming text")
-    gen.add_argument("--spec", default="none",
-                     help="speculative decoding: none, recycling, ngram, model, or several joined by '+' (ngram+recycling)")
+    gen.add_argument("--spec", default=None,
+                     help="speculative decoding: none, recycling, ngram, model, or several joined by '+' "
+                          "(ngram+recycling); default: model with --draft-model, else ngram (fastest measured)")
     gen.add_argument("--draft-model", default=None,
                      help="the draft model of --spec model (a name, folder or .gguf sharing the target's tokenizer)")
+    gen.add_argument("--spec-template", default=None,
+                     help="recycling tree template: token_recycling_2.2.2 (80 nodes, default), "
+                          "token_recycling_32, token_recycling_16, or a JSON file")
     gen.add_argument("--spec-tokens", type=int, default=0,
                      help="most draft tokens per sequence and step (0: sized per step from measured latency)")
     _add_model_args(gen)
@@ -84,13 +88,17 @@ def _generate(args) -> None:
 def engine_options(args) -> dict:
     """load_engine keywords from the model arguments."""
     from specserve.workers.engine import EngineConfig
-    from specserve.workers.spec.methods import SpecConfig
+    from specserve.workers.spec.methods import SpecConfig, default_method
+    from specserve.workers.spec.recycling import DEFAULT_TEMPLATE
 
     if args.kv_cache_gb <= 0:
         raise ValueError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    spec = SpecConfig(getattr(args, "spec", "none"), getattr(args, "spec_tokens", 0), getattr(args, "draft_model", None))
+    draft_model = getattr(args, "draft_model", None)
+    method = getattr(args, "spec", "none") or default_method(draft_model)
+    template = getattr(args, "spec_template", None) or DEFAULT_TEMPLATE
+    spec = SpecConfig(method, getattr(args, "spec_tokens", 0), draft_model, template)
     config = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), spec=spec)
     return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "config": config}
 

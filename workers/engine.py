@@ -77,7 +77,7 @@ class LLMEngine:
         )
         self.planner = StepPlanner(config.planner, self.kv)
         self.speculator = None
-        drafter = build_drafter(config.spec.method, mc.vocab_size, self._model_drafter(draft_model))
+        drafter = build_drafter(config.spec, mc.vocab_size, self._model_drafter(draft_model))
         if drafter is not None:
             max_draft = config.spec.max_draft_tokens or DEFAULT_MAX_DRAFT_TOKENS
             if latency_curve is None and not config.spec.max_draft_tokens:
@@ -145,15 +145,21 @@ class LLMEngine:
         batch = build_forward_batch(spans, self.kv, self.model.config.sliding_window, self.model.device)
         logits = self.model.forward(batch, self.kv)  # (L, V): tree seqs have one row per node
         rows = logits.split([c for c in batch.logits_counts if c], dim=0)
-        plain = [(seq, row) for (seq, tree), row in zip(ready, rows) if tree is None]
-        tokens = dict(zip((s for s, _ in plain), sample_tokens(
-            torch.cat([r for _, r in plain]) if plain else logits[:0],
-            [s.params for s, _ in plain], [s.generator for s, _ in plain])))
+        sampled = iter(self._sample([(seq, row) for (seq, tree), row in zip(ready, rows) if tree is None]))
         outputs = []
         for (seq, tree), row in zip(ready, rows):
-            new = [tokens[seq]] if tree is None else self.speculator.verify_and_commit(seq, tree, row).tokens
+            new = [next(sampled)] if tree is None else self.speculator.verify_and_commit(seq, tree, row).tokens
             outputs.append(self._append(seq, new))
         return outputs
+
+    @staticmethod
+    def _sample(plain: list[tuple[Sequence, torch.Tensor]]) -> list[int]:
+        """One token for each sequence without a draft tree, from its logits row [1, V]."""
+        if not plain:
+            return []
+        seqs = [seq for seq, _ in plain]
+        logits = torch.cat([row for _, row in plain])  # (N, V)
+        return sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
     def _draft_trees(self) -> dict[Sequence, DraftTree]:
         """Draft trees for the running sequences that are decoding (not mid-prefill). A

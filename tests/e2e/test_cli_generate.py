@@ -35,8 +35,9 @@ def test_prompt_file_json_lines(tmp_path):
         assert item["completion_tokens"] == len(item["token_ids"]) <= 16
         assert item["finish_reason"] in ("stop", "length")
         assert 0 < item["ttft_s"] <= item["elapsed_s"]
-        assert item["spec"] == {"method": "none", "steps": item["completion_tokens"], "drafted_tokens": 0,
-                                "accepted_tokens": 0}
+        spec = item["spec"]  # the default method: ngram
+        assert spec["method"] == "ngram" and 0 < spec["steps"] <= item["completion_tokens"]
+        assert spec["accepted_tokens"] <= spec["drafted_tokens"]
 
 
 @pytest.mark.parametrize(
@@ -47,6 +48,8 @@ def test_prompt_file_json_lines(tmp_path):
         (["generate", "hi", "--temperature", "-1"], "temperature"),
         (["generate", "hi", "--top-p", "1.5"], "top_p"),
         (["generate", "hi", "--spec", "magic"], "magic"),
+        (["generate", "hi", "--spec", "model"], "--draft-model"),
+        (["generate", "hi", "--spec", "recycling", "--spec-template", "no-such-tree"], "no-such-tree"),
         (["generate"], "PROMPT"),
     ],
 )

@@ -17,6 +17,7 @@ CASES = [
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("mistral", {"sliding_window": 16}),  # 37 tokens: the window binds
 ]
 
 
@@ -33,12 +34,13 @@ def test_prefill_logits_match_transformers(kind, overrides):
     with torch.no_grad():
         expected = hf(ids[None]).logits[0]  # (T, V)
     kv = make_cache(ours)
-    batch = build_forward_batch([SequenceSlots(BlockTable(), ids.tolist(), logits_rows=list(range(37)))], kv)
+    spans = [SequenceSlots(BlockTable(), ids.tolist(), logits_rows=list(range(37)))]
+    batch = build_forward_batch(spans, kv, ours.config.sliding_window)
     got = ours.forward(batch, kv)
     assert (got - expected).abs().max().item() < MAX_ABS_DIFF
 
 
-@pytest.mark.parametrize("kind,overrides", CASES[:2])
+@pytest.mark.parametrize("kind,overrides", [CASES[0], CASES[1], CASES[4]])
 def test_stepwise_decode_through_paged_cache_matches_transformers(kind, overrides):
     hf = tiny_hf(kind, **overrides)
     ours = ours_from_hf(hf)
@@ -48,9 +50,10 @@ def test_stepwise_decode_through_paged_cache_matches_transformers(kind, override
     kv = make_cache(ours, block_size=4)
     table = BlockTable()
     prefill = 11  # not a multiple of the block size: decode appends across block boundaries
-    got = [ours.forward(build_forward_batch([SequenceSlots(table, ids[:prefill].tolist())], kv), kv)]
+    window = ours.config.sliding_window
+    got = [ours.forward(build_forward_batch([SequenceSlots(table, ids[:prefill].tolist())], kv, window), kv)]
     for t in range(prefill, 30):
-        got.append(ours.forward(build_forward_batch([SequenceSlots(table, [int(ids[t])])], kv), kv))
+        got.append(ours.forward(build_forward_batch([SequenceSlots(table, [int(ids[t])])], kv, window), kv))
     got = torch.cat(got)  # logits after slot prefill-1, prefill, ..., 29
     assert table.num_tokens == 30
     assert (got - expected[prefill - 1 :]).abs().max().item() < MAX_ABS_DIFF

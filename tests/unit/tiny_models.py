@@ -1,7 +1,7 @@
 """Tiny random-weight Llama-family models built from a config, for unit tests."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from specserve.workers.llama import LlamaModel
 from specserve.workers.model_config import ModelConfig
@@ -27,6 +27,9 @@ def tiny_hf(kind: str = "llama", seed: int = 0, **overrides):
     elif kind == "qwen2":
         config = Qwen2Config(**{**COMMON, "tie_word_embeddings": False, **overrides})
         model = Qwen2ForCausalLM(config)
+    elif kind == "mistral":
+        config = MistralConfig(**{**COMMON, "tie_word_embeddings": False, **overrides})
+        model = MistralForCausalLM(config)
     else:
         raise ValueError(kind)
     config.architectures = [type(model).__name__]

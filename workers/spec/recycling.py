@@ -15,16 +15,33 @@ import torch
 from ..sequence import Sequence
 from .draft_tree import DraftTree
 from .drafter import Drafter
-from .tree_template import TreeTemplate, load_template
+from .tree_template import TemplateError, TreeTemplate, load_template
 from .verify import Acceptance
 
 TOP_K = 8
 
 
+DEFAULT_TEMPLATE = "token_recycling_2.2.2"  # the paper's default tree: 80 nodes over 6 levels
+
+
+def shipped_templates() -> list[str]:
+    folder = resources.files("specserve.workers.spec") / "templates"
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def find_template(name_or_path: str = DEFAULT_TEMPLATE) -> TreeTemplate:
+    """A shipped template by name (token_recycling_2.2.2, _32, _16) or a JSON file's path."""
+    if name_or_path in shipped_templates():
+        path = Path(str(resources.files("specserve.workers.spec") / "templates" / f"{name_or_path}.json"))
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise TemplateError(f"tree template {name_or_path!r} is neither shipped ({', '.join(shipped_templates())}) nor a file")
+    return load_template(path, TOP_K)
+
+
 def default_template() -> TreeTemplate:
-    """The paper's default tree: 80 nodes over 6 levels."""
-    path = resources.files("specserve.workers.spec") / "templates" / "token_recycling_2.2.2.json"
-    return load_template(Path(str(path)), TOP_K)
+    return find_template(DEFAULT_TEMPLATE)
 
 
 class RecyclingDrafter(Drafter):

@@ -1,0 +1,43 @@
+"""load_engine from model folders on disk: a draft model must share the target's tokenizer."""
+
+import pytest
+
+from specserve.workers.engine import EngineConfig
+from specserve.workers.loader import load_engine
+from specserve.workers.model_source import ModelError
+from specserve.workers.sequence import SamplingParams
+from specserve.workers.spec.methods import SpecConfig
+
+from .tiny_models import tiny_hf, tiny_tokenizer
+
+
+def save(folder, seed: int, tokenizer_vocab: int = 97):
+    tiny_hf("llama", seed=seed, initializer_range=0.3).save_pretrained(folder)
+    tiny_tokenizer(tokenizer_vocab).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path / "cache"))
+
+
+def generate(folder: str, spec: SpecConfig) -> list[int]:
+    config = EngineConfig(block_size=4, kv_cache_bytes=1 << 20, spec=spec)
+    engine = load_engine(folder, config=config, progress=False).engine
+    seq = engine.add_request([5, 7, 9, 11, 3, 5, 7], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    return seq.output_ids
+
+
+def test_draft_model_with_the_same_tokenizer_is_loaded_and_lossless(tmp_path):
+    target, draft = save(tmp_path / "target", seed=0), save(tmp_path / "draft", seed=1)
+    reference = generate(target, SpecConfig("none"))
+    assert generate(target, SpecConfig("model", 6, draft_model=draft)) == reference
+
+
+def test_draft_model_with_another_tokenizer_is_refused(tmp_path):
+    target, draft = save(tmp_path / "target", seed=0), save(tmp_path / "draft", seed=1, tokenizer_vocab=50)
+    with pytest.raises(ModelError, match="another tokenizer"):
+        load_engine(target, config=EngineConfig(spec=SpecConfig("model", 6, draft_model=draft)), progress=False)

@@ -1,0 +1,60 @@
+"""Speculation inside the engine on tiny models: same tokens as without it, stops honoured."""
+
+import pytest
+
+from specserve.workers.engine import EngineConfig, LLMEngine
+from specserve.workers.sequence import FinishReason, SamplingParams
+from specserve.workers.spec.methods import SpecConfig
+
+from .tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
+
+PROMPTS = [[5, 7, 9, 11, 3, 5, 7, 9, 11, 3, 5, 7], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [40, 41, 42], [8] * 9]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ours_from_hf(tiny_hf("llama", initializer_range=0.3))
+
+
+def run(model, spec: SpecConfig, params=SamplingParams(max_new_tokens=24), eos=(), draft=None):
+    engine = LLMEngine(model, tiny_tokenizer(), EngineConfig(block_size=4, kv_cache_bytes=1 << 20, spec=spec),
+                       eos_token_ids=eos, draft_model=draft)
+    seqs = [engine.add_request(p, params) for p in PROMPTS]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.kv.allocator.num_free == engine.kv.config.num_blocks  # every block given back
+    return seqs
+
+
+@pytest.mark.parametrize("method", ["ngram", "recycling", "ngram+recycling", "model", "model+ngram"])
+@pytest.mark.parametrize("max_draft", [0, 4, 16])
+def test_greedy_output_is_unchanged(model, method, max_draft):
+    reference = [s.output_ids for s in run(model, SpecConfig("none"))]
+    draft = model if "model" in method else None
+    spec = SpecConfig(method, max_draft, draft_model="self" if draft else None)
+    assert [s.output_ids for s in run(model, spec, draft=draft)] == reference
+
+
+def test_self_drafting_accepts_and_saves_steps(model):
+    seqs = run(model, SpecConfig("model", 8, draft_model="self"), draft=model)
+    assert all(s.accepted_tokens > 0 and s.decode_steps < len(s.output_ids) for s in seqs)
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(model):
+    params = SamplingParams(max_new_tokens=24, temperature=0.9, seed=11)
+    spec = SpecConfig("model+ngram", 8, draft_model="self")
+    a = [s.output_ids for s in run(model, spec, params, draft=model)]
+    b = [s.output_ids for s in run(model, spec, params, draft=model)]
+    assert a == b
+
+
+def test_multi_token_steps_respect_max_new_tokens_and_eos(model):
+    spec = SpecConfig("model", 8, draft_model="self")
+    reference = run(model, SpecConfig("none"), SamplingParams(max_new_tokens=30))
+    for n in (1, 5, 13):
+        seqs = run(model, spec, SamplingParams(max_new_tokens=n), draft=model)
+        assert [s.output_ids for s in seqs] == [r.output_ids[:n] for r in reference]
+    eos = reference[0].output_ids[6]  # a token the first prompt emits at step 7
+    seqs = run(model, spec, SamplingParams(max_new_tokens=30), eos=[eos], draft=model)
+    first = seqs[0].output_ids
+    assert first[-1] == eos and eos not in first[:-1] and seqs[0].finish_reason is FinishReason.STOP
