@@ -7,7 +7,7 @@ H > Hkv), D head dim, Q / K the padded per-sequence query / key counts of a layo
 import torch
 import torch.nn.functional as F
 
-from .paged_layout import PagedAttentionLayout
+from .paged_layout import BatchLayout, PagedAttentionLayout
 
 
 def attention_with_lse(
@@ -74,3 +74,19 @@ def paged_attention(
     if layout.out_index is None:
         return out
     return out[layout.out_index]  # (T, H, D)
+
+
+def batched_paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: BatchLayout,
+    scale: float,
+) -> torch.Tensor:
+    """paged_attention over each group of the layout; returns [T, H, D] in slot order."""
+    if len(layout.groups) == 1 and layout.groups[0].slots is None:
+        return paged_attention(q, k_cache, v_cache, layout.groups[0].layout, scale)
+    out = torch.empty_like(q)
+    for group in layout.groups:
+        out[group.slots] = paged_attention(q[group.slots], k_cache, v_cache, group.layout, scale)
+    return out

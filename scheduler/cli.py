@@ -26,6 +26,19 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
 
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", default=None,
+                   help="speculative decoding: none, recycling, ngram, model, or several joined by '+' "
+                        "(ngram+recycling); default: model with --draft-model, else ngram (fastest measured)")
+    p.add_argument("--draft-model", default=None,
+                   help="the draft model of --spec model (a name, folder or .gguf sharing the target's tokenizer)")
+    p.add_argument("--spec-template", default=None,
+                   help="recycling tree template: token_recycling_2.2.2 (80 nodes, default), "
+                        "token_recycling_32, token_recycling_16, or a JSON file")
+    p.add_argument("--spec-tokens", type=int, default=0,
+                   help="most draft tokens per sequence and step (0: sized per step from measured latency)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description="LLM serving with lossless speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,26 +48,50 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-file", type=Path, help='JSONL: {"prompt": "..."} or {"messages": [...]} per line')
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming text")
-    gen.add_argument("--spec", default=None,
-                     help="speculative decoding: none, recycling, ngram, model, or several joined by '+' "
-                          "(ngram+recycling); default: model with --draft-model, else ngram (fastest measured)")
-    gen.add_argument("--draft-model", default=None,
-                     help="the draft model of --spec model (a name, folder or .gguf sharing the target's tokenizer)")
-    gen.add_argument("--spec-template", default=None,
-                     help="recycling tree template: token_recycling_2.2.2 (80 nodes, default), "
-                          "token_recycling_32, token_recycling_16, or a JSON file")
-    gen.add_argument("--spec-tokens", type=int, default=0,
-                     help="most draft tokens per sequence and step (0: sized per step from measured latency)")
+    gen.add_argument("--server", metavar="HOST:PORT", default=None,
+                     help="send the prompts to a running `specserve serve` instead of loading the model here")
+    gen.add_argument("--token", default=os.environ.get("SPECSERVE_TOKEN"),
+                     help="with --server: bearer token (default: $SPECSERVE_TOKEN)")
+    gen.add_argument("--tls-ca", type=Path, default=None, help="with --server: CA certificate (PEM) to speak TLS")
+    _add_spec_args(gen)
     _add_model_args(gen)
     _add_sampling_args(gen)
 
+    serve = sub.add_parser("serve", help="the gRPC server (one machine: the engine runs in this process)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free port)")
+    serve.add_argument("--token", default=os.environ.get("SPECSERVE_TOKEN"),
+                       help="bearer token every call must carry (default: $SPECSERVE_TOKEN); required beyond "
+                            "loopback unless --allow-unauthenticated")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="listen beyond loopback without a token")
+    serve.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key: TLS only)")
+    serve.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    serve.add_argument("--max-queued", type=int, default=64,
+                       help="requests admitted beyond the running batch; more get RESOURCE_EXHAUSTED")
+    serve.add_argument("--replicas", type=int, default=1,
+                       help="engines in this process over the same weights (each with --kv-cache-gb of KV); "
+                            "requests are routed by prefix affinity and load")
+    serve.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0: a free port)")
+    serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    serve.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                       help="on SIGTERM/SIGINT, how long requests in flight may finish before they are aborted")
+    _add_spec_args(serve)
+    _add_model_args(serve)
+
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side, see BENCH.md)")
-    bench.add_argument("suite", choices=("engine", "spec"),
-                       help="engine: our engine vs transformers generate(); spec: every drafter vs transformers")
+    bench.add_argument("suite", choices=("engine", "spec", "serve"),
+                       help="engine: our engine vs transformers generate(); spec: every drafter vs transformers; "
+                            "serve: gRPC server throughput and latency at rising concurrency")
     bench.add_argument("--num-prompts", type=int, default=8, help="prompts per category (HumanEval, ShareGPT)")
     bench.add_argument("--methods", default="ngram,recycling,ngram+recycling",
                        help="spec suite: comma-separated spec methods to run beside speculation off")
     bench.add_argument("--spec-tokens", type=int, default=0, help="spec suite: most draft tokens (0: latency-sized)")
+    bench.add_argument("--server", metavar="HOST:PORT", default=None,
+                       help="serve suite: a running server (default: start one in this process)")
+    bench.add_argument("--concurrency", default="1,2,4,8,16", help="serve suite: comma-separated stream counts")
+    bench.add_argument("--requests-per-level", type=int, default=8,
+                       help="serve suite: requests per concurrency level (at least 2x the concurrency)")
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON results")
     _add_model_args(bench)
     bench.add_argument("--max-new-tokens", type=int, default=128)
@@ -81,8 +118,19 @@ def _generate(args) -> None:
         prompts = [Prompt(messages=({"role": "user", "content": args.prompt},))]
     else:
         prompts = [Prompt(text=args.prompt)]
+    if args.server:
+        from .remote_generate import generate_all_remote
+
+        generate_all_remote(args.server, prompts, params, args.spec, args.json, token=args.token, tls_ca=args.tls_ca)
+        return
     loaded = load_engine(args.model, **engine_options(args))
     generate_all(loaded.engine, prompts, params, args.json)
+
+
+def _serve(args) -> None:
+    from .serve_cmd import serve, server_config
+
+    serve(server_config(args), args.model, engine_options(args))
 
 
 def engine_options(args) -> dict:
@@ -106,7 +154,11 @@ def engine_options(args) -> dict:
 def _bench(args) -> None:
     if args.num_prompts < 1 or args.max_new_tokens < 1:
         raise ValueError("--num-prompts and --max-new-tokens must be >= 1")
-    if args.suite == "spec":
+    if args.suite == "serve":
+        from specserve.bench.serve_load import run_serve_bench
+
+        run_serve_bench(args)
+    elif args.suite == "spec":
         from specserve.bench.spec_vs_hf import run_spec_bench
 
         run_spec_bench(args)
@@ -125,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from .prompts import PromptError
 
     try:
-        {"generate": _generate, "bench": _bench}[args.command](args)
+        {"generate": _generate, "serve": _serve, "bench": _bench}[args.command](args)
     except (ModelError, PromptError, ValueError) as e:
         print(f"specserve: error: {e}", file=sys.stderr)
         return 2

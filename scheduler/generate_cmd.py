@@ -68,7 +68,7 @@ def run_prompt(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams,
         ttft_s=seq.first_token_time - start,
         elapsed_s=seq.finish_time - start,
         finish_reason=seq.finish_reason.value,
-        spec_method=engine.config.spec.method,
+        spec_method=engine.spec_method(seq),
         spec_steps=seq.decode_steps,
         drafted_tokens=seq.drafted_tokens,
         accepted_tokens=seq.accepted_tokens,
@@ -77,13 +77,17 @@ def run_prompt(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams,
 
 def generate_all(engine: LLMEngine, prompts: list[Prompt], params: SamplingParams, as_json: bool) -> None:
     """Runs each prompt in turn; streams text to stdout, or prints one JSON line per prompt."""
-    tokenizer = engine.tokenizer
+    emit_all(prompts, lambda prompt, on_text: run_prompt(engine, prompt.token_ids(engine.tokenizer), params, on_text),
+             as_json)
+
+
+def emit_all(prompts: list[Prompt], run, as_json: bool) -> None:
+    """run(prompt, on_text) -> GenerationResult for each prompt in turn; text streams to stdout
+    as it comes, or one JSON line per prompt is printed."""
     for prompt in prompts:
-        ids = prompt.token_ids(tokenizer)
         if as_json:
-            result = run_prompt(engine, ids, params)
-            print(json.dumps(result.to_json()), flush=True)
+            print(json.dumps(run(prompt, None).to_json()), flush=True)
         else:
-            run_prompt(engine, ids, params, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+            run(prompt, lambda t: (sys.stdout.write(t), sys.stdout.flush()))
             sys.stdout.write("\n")
             sys.stdout.flush()

@@ -65,6 +65,7 @@ class LLMEngine:
         max_draft_tokens it is measured here when not given (pass a cached one).
         draft_model: the `model` drafter's LM (same vocabulary); it gets its own KV pool."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.draft_model = draft_model
         self.eos_token_ids = frozenset(eos_token_ids)
         mc = model.config
         self.max_model_len = mc.max_position_embeddings
@@ -85,6 +86,11 @@ class LLMEngine:
             self.speculator = Speculator(drafter, self.kv, max_draft, self.max_model_len, latency_curve)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
+
+    def replica(self) -> "LLMEngine":
+        """Another engine over the same weights, with its own KV pool, requests and drafter state."""
+        curve = self.speculator.curve if self.speculator is not None else None
+        return LLMEngine(self.model, self.tokenizer, self.config, self.eos_token_ids, curve, self.draft_model)
 
     def _model_drafter(self, draft_model: LlamaModel | None) -> ModelDrafter | None:
         if draft_model is None:
@@ -116,16 +122,25 @@ class LLMEngine:
         self.planner.add(seq)
         return seq
 
+    def running_sequence(self, request_id: str) -> Sequence | None:
+        """The unfinished request with this id, if any."""
+        return self._requests.get(request_id)
+
     def abort(self, request_id: str) -> None:
         seq = self._requests.get(request_id)
         if seq is not None:
             self._finish(seq, FinishReason.ABORT)
+
+    def spec_method(self, seq: Sequence) -> str:
+        """The speculation method seq runs with: the engine's, or "none" when off for it."""
+        return "none" if self.speculator is None or seq.params.max_draft_tokens == 0 else self.config.spec.method
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
     def step(self) -> list[RequestOutput]:
         """Runs one forward over the planned sequences; returns what each produced."""
+        step_start = time.perf_counter()
         trees = self._draft_trees()
         planned = self.planner.plan({seq: tree.size for seq, tree in trees.items()})
         if not planned:
@@ -150,6 +165,10 @@ class LLMEngine:
         for (seq, tree), row in zip(ready, rows):
             new = [next(sampled)] if tree is None else self.speculator.verify_and_commit(seq, tree, row).tokens
             outputs.append(self._append(seq, new))
+        if self.speculator is not None and all(p.num_new == (trees[p.seq].size if p.seq in trees else 1)
+                                               for p in planned):  # a pure decode step
+            tokens = sum(len(out.new_token_ids) for out in outputs)
+            self.speculator.record_step(len(planned), bool(trees), tokens, time.perf_counter() - step_start)
         return outputs
 
     @staticmethod
@@ -162,15 +181,19 @@ class LLMEngine:
         return sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
     def _draft_trees(self) -> dict[Sequence, DraftTree]:
-        """Draft trees for the running sequences that are decoding (not mid-prefill). A
-        root-only tree still goes through verification so the drafter observes the logits."""
+        """Draft trees for the running sequences that are decoding (not mid-prefill), or none
+        when speculation does not pay at this load. A root-only tree still goes through
+        verification so the drafter observes the logits."""
         if self.speculator is None:
             return {}
         decoding = [s for s in self.planner.running if s.num_tokens - s.num_computed == 1]
-        prefill = sum(s.num_tokens - s.num_computed for s in self.planner.running if s not in decoding)
-        prefill += sum(s.num_tokens - s.num_computed for s in self.planner.waiting)
-        other = min(prefill, self.config.planner.max_num_batched_tokens)
-        return dict(zip(decoding, self.speculator.propose(decoding, other)))
+        drafting = [s for s in decoding if s.params.max_draft_tokens != 0]  # 0: the request turned it off
+        if not drafting or not self.speculator.speculate(len(decoding)):
+            return {}
+        # Trees are sized as if the step decoded only: a prefill chunk in the same step makes the
+        # step long, but a draft node still costs its own time and must pay for it at the decode
+        # rate (sized against the whole step, trees grew to hundreds of nodes and delayed prefill).
+        return dict(zip(drafting, self.speculator.propose(drafting, len(decoding) - len(drafting))))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
         """Runs one request to the end, yielding each step's output (for in-process use)."""

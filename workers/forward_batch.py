@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specserve.kernels.paged_layout import PagedAttentionLayout, build_paged_layout
+from specserve.kernels.paged_layout import BatchLayout, build_batch_layout
 
 from .kv_cache import BlockTable, PagedKVCache
 
@@ -25,7 +25,7 @@ class ForwardBatch:
     token_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] cache slot that receives each new slot's key/value
-    layout: PagedAttentionLayout
+    layout: BatchLayout
     logits_index: torch.Tensor  # [L] flat slots whose logits the forward returns, in sequence order
     logits_counts: list[int]  # per sequence, how many of the L rows are its own
 
@@ -64,7 +64,7 @@ def build_forward_batch(
         trees.append(seq.tree_mask)
         query_positions.append(pos.to(device))
         offset += n
-    layout = build_paged_layout(kv_slots, num_new, trees, query_positions, sliding_window)
+    layout = build_batch_layout(kv_slots, num_new, trees, query_positions, sliding_window)
     return ForwardBatch(
         token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions=torch.cat(positions).to(device),

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specserve.kernels.attention import paged_attention
+from specserve.kernels.attention import batched_paged_attention
 from specserve.kernels.linear import Projection
 from specserve.kernels.norm import rms_norm, silu_and_mul
 from specserve.kernels.rope import apply_rope, rope_tables
@@ -97,7 +97,7 @@ class LlamaModel:
             q = apply_rope(q.view(num_slots, heads, head_dim), cos, sin)  # (T, H, D)
             k = apply_rope(k.view(num_slots, kv_heads, head_dim), cos, sin)  # (T, Hkv, D)
             kv.write(i, batch.slot_mapping, k, v.view(num_slots, kv_heads, head_dim))
-            attn = paged_attention(q, kv.k[i], kv.v[i], batch.layout, self.scale)  # (T, H, D)
+            attn = batched_paged_attention(q, kv.k[i], kv.v[i], batch.layout, self.scale)  # (T, H, D)
             h = h + w.o(attn.reshape(num_slots, heads * head_dim))
             x = rms_norm(h, w.post_norm, cfg.rms_norm_eps)
             h = h + w.down(silu_and_mul(w.gate_up(x)))

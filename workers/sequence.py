@@ -31,6 +31,7 @@ class SamplingParams:
     seed: int | None = None  # same seed, same prompt -> same sampled tokens
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
     ignore_eos: bool = False
+    max_draft_tokens: int | None = None  # this request's cap on draft tokens per step; None = the engine's, 0 = off
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -43,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.max_draft_tokens is not None and self.max_draft_tokens < 0:
+            raise ValueError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
 
     @property
     def greedy(self) -> bool:

@@ -51,6 +51,9 @@ def test_prompt_file_json_lines(tmp_path):
         (["generate", "hi", "--spec", "model"], "--draft-model"),
         (["generate", "hi", "--spec", "recycling", "--spec-template", "no-such-tree"], "no-such-tree"),
         (["generate"], "PROMPT"),
+        (["generate", "hi", "--server", "127.0.0.1:9"], "UNAVAILABLE"),
+        (["serve", "--host", "0.0.0.0"], "--token"),
+        (["serve", "--tls-cert", "cert.pem"], "--tls-key"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle):

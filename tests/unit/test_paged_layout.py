@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from specserve.kernels.attention import attention_with_lse, paged_attention
-from specserve.kernels.paged_layout import build_paged_layout
+from specserve.kernels.attention import attention_with_lse, batched_paged_attention, paged_attention
+from specserve.kernels.paged_layout import build_batch_layout, build_paged_layout, group_sequences
 
 # fp32 on CPU: SDPA, the log-sum-exp form and the naive loop differ only in summation order.
 ATOL = 1e-5
@@ -182,8 +182,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("grouping", [None, 1.01, 100.0])  # one padded call; a call per length; one group
 @pytest.mark.parametrize("case", CASES)
-def test_paged_attention_equals_exact_and_naive_attention(case):
+def test_paged_attention_equals_exact_and_naive_attention(case, grouping):
     specs = CASES[case]
     gen = torch.Generator().manual_seed(7)
     k_cache = torch.randn(NUM_BLOCKS * BLOCK, HKV, D, generator=gen)
@@ -197,8 +198,12 @@ def test_paged_attention_equals_exact_and_naive_attention(case):
     num_new = [q for _, q, _ in specs]
     q = torch.randn(sum(num_new), H, D, generator=gen)
 
-    layout = build_paged_layout(kv_slots, num_new, [t for _, _, t in specs])
-    got = paged_attention(q, k_cache, v_cache, layout, SCALE)  # (T, H, D)
+    trees = [t for _, _, t in specs]
+    if grouping is None:
+        got = paged_attention(q, k_cache, v_cache, build_paged_layout(kv_slots, num_new, trees), SCALE)  # (T, H, D)
+    else:
+        layout = build_batch_layout(kv_slots, num_new, trees, max_ratio=grouping)
+        got = batched_paged_attention(q, k_cache, v_cache, layout, SCALE)
 
     exact, naive, offset = [], [], 0
     for (num_keys, q_len, tree), s in zip(specs, kv_slots):
@@ -254,3 +259,17 @@ def test_attention_with_lse_fully_masked_row_is_zero_with_minus_inf_lse():
 def test_attention_with_lse_rejects_heads_that_do_not_group():
     with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of key/value heads \(2\)"):
         attention_with_lse(torch.zeros(1, 3, 1, D), torch.zeros(1, 2, 1, D), torch.zeros(1, 2, 1, D))
+
+
+def test_sequences_group_by_similar_key_and_slot_counts():
+    # decode steps of 10, 11, 30 keys; a 3-node tree at 12 keys; a 200-slot prefill chunk
+    num_new, key_lens = [1, 1, 1, 3, 200], [10, 11, 30, 12, 200]
+    assert group_sequences(num_new, key_lens, max_ratio=1.25) == [[0, 1], [2], [3], [4]]
+    assert group_sequences(num_new, key_lens, max_ratio=1000.0) == [[0, 1, 2, 3, 4]]
+
+
+def test_one_group_in_order_needs_no_slot_index():
+    layout = build_batch_layout([slots(0, 1, 2), slots(4, 5, 6)], [1, 1])
+    assert len(layout.groups) == 1 and layout.groups[0].slots is None
+    layout = build_batch_layout([slots(0, 1, 2), slots(*range(4, 40))], [1, 1])
+    assert [g.slots.tolist() for g in layout.groups] == [[0], [1]]

@@ -10,6 +10,7 @@ from ..sampler import target_probs
 from ..sequence import Sequence
 from .draft_tree import DraftTree
 from .drafter import Drafter
+from .spec_gate import SpecGate
 from .tree_size import AcceptanceStats, LatencyCurve, choose_trees
 from .verify import Acceptance, verify_greedy, verify_sampling
 
@@ -18,7 +19,8 @@ class Speculator:
     """Drafts, sizes, verifies and commits draft trees for the engine.
 
     Tree size: with a latency curve, every step's trees are pruned to what maximises
-    expected tokens per second (tree_size.py); max_draft_tokens caps each tree either way.
+    expected tokens per second (tree_size.py), and speculation is switched off at loads where
+    it measurably does not pay (spec_gate.py); max_draft_tokens caps each tree either way.
     """
 
     def __init__(
@@ -32,14 +34,17 @@ class Speculator:
         self.drafter, self.kv = drafter, kv
         self.max_draft_tokens, self.max_model_len = max_draft_tokens, max_model_len
         self.curve = curve
+        self.gate = SpecGate() if curve is not None else None  # on/off by measured rates, when latency-sized
         self.stats = AcceptanceStats()
 
     def propose(self, seqs: list[Sequence], other_slots: int = 0) -> list[DraftTree]:
         """Draft trees rooted at each sequence's last token (whose KV is not computed yet),
-        no deeper than the tokens it may still produce or the context can hold."""
+        no deeper than the tokens it may still produce or the context can hold, with at most
+        the engine's and the request's max_draft_tokens (the engine skips requests with 0)."""
         trees = []
         for seq in seqs:
-            tree = self.drafter.propose(seq, self.max_draft_tokens + 1)
+            cap = min(self.max_draft_tokens, seq.params.max_draft_tokens or self.max_draft_tokens)
+            tree = self.drafter.propose(seq, cap + 1)
             room = min(seq.params.max_new_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens) - 1
             trees.append(tree.limit_depth(max(room, 0)))
         if self.curve is not None and trees:
@@ -72,6 +77,14 @@ class Speculator:
         seq.drafted_tokens += tree.num_drafted
         seq.accepted_tokens += acceptance.num_accepted
         return acceptance
+
+    def speculate(self, num_seqs: int) -> bool:
+        """Whether to draft this step for num_seqs decoding sequences (see spec_gate.py)."""
+        return self.gate is None or self.gate.speculate(num_seqs)
+
+    def record_step(self, num_seqs: int, speculated: bool, tokens: int, seconds: float) -> None:
+        if self.gate is not None:
+            self.gate.record(num_seqs, speculated, tokens, seconds)
 
     def release(self, seq: Sequence) -> None:
         self.drafter.release(seq)

@@ -93,7 +93,7 @@ def choose_trees(
     trees: list[DraftTree],
     stats: AcceptanceStats,
     curve: LatencyCurve,
-    other_slots: int = 0,  # slots of the step that are not decode trees (prefill chunks)
+    other_slots: int = 0,  # slots of the step outside the trees (sequences decoding without drafts)
 ) -> list[DraftTree]:
     """Prunes every tree to the nodes that maximise expected tokens per second of the step."""
     candidates = []  # (chance, tree index, node), parents before children at equal chance

@@ -1,0 +1,45 @@
+"""`specserve serve`: listen first, load the model, serve until SIGINT/SIGTERM, shut down gracefully."""
+
+import asyncio
+import signal
+import sys
+
+from specserve.workers.loader import load_engine
+
+from .server import ServerConfig, SpecServer
+
+
+def server_config(args) -> ServerConfig:
+    return ServerConfig(
+        host=args.host, port=args.port, token=args.token or None, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        allow_unauthenticated=args.allow_unauthenticated, max_queued=args.max_queued, replicas=args.replicas,
+        metrics_port=None if args.no_metrics else args.metrics_port, shutdown_grace_s=args.shutdown_grace_s,
+    )
+
+
+def serve(config: ServerConfig, model: str, engine_options: dict) -> None:
+    asyncio.run(_serve(config, model, engine_options))
+
+
+def _say(message: str) -> None:
+    print(f"specserve: {message}", file=sys.stderr, flush=True)
+
+
+async def _serve(config: ServerConfig, model: str, engine_options: dict) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = SpecServer(config)
+    port = await server.start()
+    scheme = "TLS" if config.tls_cert else "plaintext"
+    _say(f"listening on {config.host}:{port} ({scheme}, auth {'on' if config.token else 'off'}); loading {model}")
+    try:
+        loaded = await asyncio.to_thread(load_engine, model, **engine_options)
+        await server.attach(loaded, model)
+        metrics = f"; metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+        _say(f"ready: serving {model} on {config.host}:{port}{metrics}")
+        await stop.wait()
+        _say(f"shutting down: requests in flight get {config.shutdown_grace_s:g} s to finish")
+    finally:
+        await server.shutdown()

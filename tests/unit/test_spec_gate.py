@@ -1,0 +1,47 @@
+"""SpecGate: speculation stays on where it measurably pays and goes off where it does not."""
+
+import pytest
+
+from specserve.workers.spec.spec_gate import SpecGate
+
+
+def run(gate: SpecGate, num_seqs: int, rate_on: float, rate_off: float, steps: int) -> list[bool]:
+    """Feeds `steps` pure decode steps whose tokens/s depend only on the choice made."""
+    choices = []
+    for _ in range(steps):
+        on = gate.speculate(num_seqs)
+        gate.record(num_seqs, on, tokens=num_seqs, seconds=num_seqs / (rate_on if on else rate_off))
+        choices.append(on)
+    return choices
+
+
+def test_speculates_where_it_pays_and_explores_rarely():
+    choices = run(SpecGate(explore_every=16), num_seqs=1, rate_on=36.0, rate_off=25.0, steps=200)
+    assert choices[0] is True
+    assert sum(choices[-160:]) == 150  # one step in 16 tries speculation off
+
+
+def test_switches_off_under_load_where_it_does_not_pay():
+    gate = SpecGate(explore_every=16)
+    run(gate, num_seqs=1, rate_on=36.0, rate_off=25.0, steps=50)
+    choices = run(gate, num_seqs=16, rate_on=100.0, rate_off=116.0, steps=200)
+    assert sum(choices[-160:]) == 10  # only the exploring steps speculate
+    assert gate.pays(gate.level(1)) and not gate.pays(gate.level(16))  # each load level has its own verdict
+
+
+def test_follows_a_change_in_conditions():
+    gate = SpecGate(explore_every=8)
+    run(gate, num_seqs=4, rate_on=50.0, rate_off=60.0, steps=100)
+    assert not gate.pays(gate.level(4))
+    run(gate, num_seqs=4, rate_on=80.0, rate_off=60.0, steps=200)
+    assert gate.pays(gate.level(4))
+
+
+def test_load_levels_are_powers_of_two():
+    assert [SpecGate.level(n) for n in (1, 2, 3, 4, 7, 8, 16)] == [1, 2, 2, 3, 3, 4, 5]
+
+
+@pytest.mark.parametrize("kwargs", [{"explore_every": 1}, {"weight": 0.0}, {"weight": 1.5}])
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        SpecGate(**kwargs)
