@@ -65,7 +65,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
         loop = self._pick(req.prompt_ids)
         try:
-            loop.submit(req.prompt_ids, req.params, req.request_id, receive)
+            loop.submit(req.prompt_ids, req.params, req.request_id, receive, req.cache_salt)
         except QueueFullError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {e}; retry later")
         except LoopStoppedError as e:

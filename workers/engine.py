@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from specserve.cluster.block_hash import prefix_block_hashes
+
 from .detokenizer import IncrementalDetokenizer
 from .forward_batch import SequenceSlots, build_forward_batch
 from .kv_cache import KVCacheConfig, PagedKVCache
@@ -31,6 +33,7 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30  # the KV pool's size; at least one full context is always kept
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
+    prefix_caching: bool = True  # full prompt blocks stay findable by content (see kv_cache.BlockAllocator)
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -76,7 +79,7 @@ class LLMEngine:
             KVCacheConfig(mc.num_layers, mc.num_kv_heads, mc.head_dim, num_blocks, config.block_size,
                           model.dtype, str(model.device))
         )
-        self.planner = StepPlanner(config.planner, self.kv)
+        self.planner = StepPlanner(config.planner, self.kv, self._attach_cached_prefix if config.prefix_caching else None)
         self.speculator = None
         drafter = build_drafter(config.spec, mc.vocab_size, self._model_drafter(draft_model))
         if drafter is not None:
@@ -86,6 +89,25 @@ class LLMEngine:
             self.speculator = Speculator(drafter, self.kv, max_draft, self.max_model_len, latency_curve)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
+        self._prefix_keys: dict[str, list[bytes]] = {}  # request -> keys of its full prompt blocks
+
+    def _attach_cached_prefix(self, seq: Sequence) -> None:
+        """Gives a sequence about to prefill the longest cached run of its prompt blocks,
+        leaving at least its last prompt token to compute (its logits are needed)."""
+        keys = self._prefix_keys.get(seq.request_id, [])[: (len(seq.prompt_ids) - 1) // self.config.block_size]
+        for key in keys:
+            block = self.kv.allocator.take_cached(key)
+            if block is None:
+                break
+            seq.table.blocks.append(block)
+        seq.table.num_tokens = len(seq.table.blocks) * self.config.block_size
+        if seq.first_token_time is None:
+            seq.cached_tokens = seq.table.num_tokens
+
+    def _register_prompt_blocks(self, seq: Sequence) -> None:
+        """After a prefill: its full prompt blocks become findable by their keys."""
+        for block, key in zip(seq.table.blocks, self._prefix_keys.get(seq.request_id, [])):
+            self.kv.allocator.register(block, key)
 
     def replica(self) -> "LLMEngine":
         """Another engine over the same weights, with its own KV pool, requests and drafter state."""
@@ -105,8 +127,10 @@ class LLMEngine:
                                         draft_model.dtype, str(draft_model.device)))
         return ModelDrafter(draft_model, kv)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
-        """Queues a request. Raises ValueError naming the limit when it cannot ever run."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    cache_salt: str = "") -> Sequence:
+        """Queues a request. Raises ValueError naming the limit when it cannot ever run.
+        cache_salt: requests with different salts never share cached prefix blocks."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -119,6 +143,10 @@ class LLMEngine:
             raise ValueError(f"request_id {seq.request_id!r} is already running")
         self._requests[seq.request_id] = seq
         self._detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop)
+        if self.config.prefix_caching:
+            extra = (str(self.model.dtype), cache_salt)
+            keys = prefix_block_hashes(seq.prompt_ids, self.config.block_size, extra)
+            self._prefix_keys[seq.request_id] = [k.digest for k in keys]
         self.planner.add(seq)
         return seq
 
@@ -159,6 +187,9 @@ class LLMEngine:
                     ready.append((seq, None))
         batch = build_forward_batch(spans, self.kv, self.model.config.sliding_window, self.model.device)
         logits = self.model.forward(batch, self.kv)  # (L, V): tree seqs have one row per node
+        for seq, tree in ready:
+            if tree is None and not seq.output_ids:  # this step computed the rest of its prompt
+                self._register_prompt_blocks(seq)
         rows = logits.split([c for c in batch.logits_counts if c], dim=0)
         sampled = iter(self._sample([(seq, row) for (seq, tree), row in zip(ready, rows) if tree is None]))
         outputs = []
@@ -231,6 +262,7 @@ class LLMEngine:
             self.speculator.release(seq)
         self._requests.pop(seq.request_id, None)
         self._detokenizers.pop(seq.request_id, None)
+        self._prefix_keys.pop(seq.request_id, None)
 
 
 def default_dtype(device: str) -> torch.dtype:

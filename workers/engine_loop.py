@@ -57,6 +57,7 @@ class _Pending:
     params: SamplingParams
     request_id: str
     on_output: OutputCallback
+    cache_salt: str
 
 
 class EngineLoop:
@@ -84,7 +85,8 @@ class EngineLoop:
         self._thread.start()
         return self
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, on_output: OutputCallback) -> None:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, on_output: OutputCallback,
+               cache_salt: str = "") -> None:
         """Admits a request; outputs go to on_output. Raises QueueFullError, LoopStoppedError,
         or ValueError for a request_id already in flight."""
         with self._cv:
@@ -96,7 +98,7 @@ class EngineLoop:
                 self._counters["rejected"] += 1
                 raise QueueFullError(f"{len(self._callbacks)} requests in flight, the limit is {self.max_in_flight}")
             self._callbacks[request_id] = on_output
-            self._inbox.append(_Pending(list(prompt_ids), params, request_id, on_output))
+            self._inbox.append(_Pending(list(prompt_ids), params, request_id, on_output, cache_salt))
             self._cv.notify()
 
     def cancel(self, request_id: str) -> None:
@@ -155,7 +157,7 @@ class EngineLoop:
 
     def _add(self, pending: _Pending) -> None:
         try:
-            self.engine.add_request(pending.prompt_ids, pending.params, pending.request_id)
+            self.engine.add_request(pending.prompt_ids, pending.params, pending.request_id, pending.cache_salt)
         except ValueError as e:
             self._deliver(pending.request_id, e)
 

@@ -5,6 +5,7 @@ write into a shared block copies it (copy-on-write). A cache *slot* is
 `block_id * block_size + offset`, the row of a layer's flat key/value tensor.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -36,20 +37,38 @@ class KVCacheConfig:
 
 
 class BlockAllocator:
-    """A fixed pool of block ids with reference counts."""
+    """A fixed pool of block ids with reference counts, doubling as a prefix cache.
+
+    A full block may be registered under its content key (cluster/block_hash.py). When its last
+    reference goes, a registered block is not freed but kept, findable by key, in LRU order; an
+    allocation with no free block left evicts the least recently used of them. `num_free` counts
+    both, since either can be handed out.
+    """
 
     def __init__(self, num_blocks: int):
         self.ref_counts = [0] * num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._key_of: dict[int, bytes] = {}  # registered block -> key
+        self._block_of: dict[bytes, int] = {}  # key -> registered block
+        self._cached: OrderedDict[int, None] = OrderedDict()  # registered, unreferenced; oldest first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached(self) -> int:
+        """Unreferenced blocks kept for their content."""
+        return len(self._cached)
 
     def allocate(self) -> int:
-        if not self._free:
+        if self._free:
+            block = self._free.pop()
+        elif self._cached:
+            block, _ = self._cached.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
+        else:
             raise OutOfBlocksError(f"all {len(self.ref_counts)} KV blocks are in use")
-        block = self._free.pop()
         self.ref_counts[block] = 1
         return block
 
@@ -63,7 +82,27 @@ class BlockAllocator:
             raise ValueError(f"block {block} released more often than taken")
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
-            self._free.append(block)
+            if block in self._key_of:
+                self._cached[block] = None
+            else:
+                self._free.append(block)
+
+    def register(self, block: int, key: bytes) -> None:
+        """Makes a referenced, full block findable by key (a key already held keeps its block)."""
+        if self.ref_counts[block] < 1:
+            raise ValueError(f"block {block} is free and cannot be registered")
+        if key not in self._block_of and block not in self._key_of:
+            self._block_of[key], self._key_of[block] = block, key
+
+    def take_cached(self, key: bytes) -> int | None:
+        """The block registered under key with one more reference, or None."""
+        block = self._block_of.get(key)
+        if block is None:
+            return None
+        if self.ref_counts[block] == 0:
+            del self._cached[block]
+        self.ref_counts[block] += 1
+        return block
 
 
 @dataclass

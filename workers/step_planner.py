@@ -39,9 +39,13 @@ class PlannedSequence:
 
 
 class StepPlanner:
-    def __init__(self, config: PlannerConfig, kv: PagedKVCache):
+    """on_admit(seq): called when a waiting sequence with no KV is about to be scheduled; it may
+    fill the sequence's table with cached prefix blocks (given back if the step has no room)."""
+
+    def __init__(self, config: PlannerConfig, kv: PagedKVCache, on_admit=None):
         self.config = config
         self.kv = kv
+        self.on_admit = on_admit
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -84,9 +88,16 @@ class StepPlanner:
             free -= needed
         while self.waiting and budget > 0 and len(planned) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            attached = self.on_admit is not None and seq.table.num_tokens == 0
+            if attached:
+                before = self.kv.allocator.num_free
+                self.on_admit(seq)
+                free -= before - self.kv.allocator.num_free  # cached blocks it took were counted free
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             needed = self.kv.blocks_needed(seq.table, num_new)
             if needed > free:
+                if attached:
+                    self.kv.free(seq.table)  # cached blocks go back to the cache, not held while waiting
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
