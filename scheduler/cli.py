@@ -14,6 +14,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="size of the paged KV pool in GiB")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    _add_cache_args(p)
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", metavar="URL", default=os.environ.get("SPECSERVE_REDIS"),
+                   help="shared prefix cache: redis://[:password@]host:port/db or rediss:// (default: "
+                        "$SPECSERVE_REDIS; none: each worker caches only its own prefixes)")
+    p.add_argument("--cache-ttl-s", type=int, default=None,
+                   help="with --redis: cached blocks expire after this many seconds (default: only LRU eviction)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt in full (no prefix reuse)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +49,45 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="most draft tokens per sequence and step (0: sized per step from measured latency)")
 
 
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (auto, or the head's host:port); default: start an embedded local Ray")
+    p.add_argument("--no-ray", action="store_true", help="run the engine(s) in this process, without Ray workers")
+    p.add_argument("--verify-replicas", type=int, default=None, help="VerifyWorker actors (default: --replicas)")
+    p.add_argument("--prefill-replicas", type=int, default=1,
+                   help="PrefillWorker actors (0: verify workers prefill every prompt themselves)")
+    p.add_argument("--draft-replicas", type=int, default=1,
+                   help="DraftWorker actors for --spec model (0: the draft model runs inside each verify worker)")
+    for role, cpus in (("verify", 1.0), ("prefill", 0.5), ("draft", 0.5)):
+        p.add_argument(f"--{role}-cpus", type=float, default=cpus, help=f"Ray CPUs each {role} actor takes")
+        p.add_argument(f"--{role}-gpus", type=float, default=0.0, help=f"Ray GPUs each {role} actor takes")
+    p.add_argument("--prefill-threshold", type=int, default=256,
+                   help="prompts of at least this many tokens are prefilled by a PrefillWorker")
+    p.add_argument("--deployment-name", default="specserve",
+                   help="worker actor names start with this (a restarted server finds its workers by name)")
+    p.add_argument("--keep-workers", action="store_true",
+                   help="on shutdown leave the worker actors running for the next server to find")
+
+
+def _add_long_context_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill-workers", type=int, default=1,
+                   help="long prompts are prefilled sequence-parallel by this many local worker processes "
+                        "(1: off, the engine prefills every prompt)")
+    p.add_argument("--sequence-parallel", choices=("ring", "ulysses"), default="ring",
+                   help="attention across the prefill workers: ring (any head count) or ulysses "
+                        "(query heads must divide by --prefill-workers)")
+    p.add_argument("--long-prompt-threshold", type=int, default=4096,
+                   help="prompts with more uncached tokens than this go to the prefill workers")
+
+
+def _add_longctx_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", default="4096,8192,16384", help="longctx suite: prompt lengths to prefill")
+    p.add_argument("--prefill-workers-list", default="1,2,4", help="longctx suite: prefill group sizes")
+    p.add_argument("--sequence-parallel", choices=("ring", "ulysses"), default="ring", help="longctx suite")
+    p.add_argument("--layers", type=int, default=4, help="longctx suite: prefill with the model's first N layers")
+    p.add_argument("--skip-decode", action="store_true", help="longctx suite: prefill rows only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description="LLM serving with lossless speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(gen)
     _add_model_args(gen)
     _add_sampling_args(gen)
+    _add_long_context_args(gen)
 
     serve = sub.add_parser("serve", help="the gRPC server (one machine: the engine runs in this process)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -76,23 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     serve.add_argument("--shutdown-grace-s", type=float, default=30.0,
                        help="on SIGTERM/SIGINT, how long requests in flight may finish before they are aborted")
+    _add_ray_args(serve)
     _add_spec_args(serve)
     _add_model_args(serve)
 
+    cache = sub.add_parser("cache", help="inspect or clear the shared prefix cache in Redis")
+    cache.add_argument("action", choices=("stats", "clear"),
+                       help="stats: blocks and bytes per model; clear: delete specserve's blocks (never FLUSHALL)")
+    cache.add_argument("--redis", metavar="URL", default=os.environ.get("SPECSERVE_REDIS"),
+                       help="redis://[:password@]host:port/db (default: $SPECSERVE_REDIS)")
+    cache.add_argument("--model-prefix", default=None,
+                       help="clear: only the blocks of the model whose fingerprint starts with this (see stats)")
+
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side, see BENCH.md)")
-    bench.add_argument("suite", choices=("engine", "spec", "serve"),
+    bench.add_argument("suite", choices=("engine", "spec", "serve", "prefix", "longctx", "ray"),
                        help="engine: our engine vs transformers generate(); spec: every drafter vs transformers; "
-                            "serve: gRPC server throughput and latency at rising concurrency")
+                            "serve: gRPC server throughput and latency at rising concurrency; "
+                            "prefix: TTFT of 2K/4K-token prompts cold vs prefix cache hits (L1, Redis L2); "
+                            "longctx: sequence-parallel prefill vs workers, verify latency vs context; "
+                            "ray: one stream's tokens/s in-process vs through the Ray worker actors")
     bench.add_argument("--num-prompts", type=int, default=8, help="prompts per category (HumanEval, ShareGPT)")
     bench.add_argument("--methods", default="ngram,recycling,ngram+recycling",
                        help="spec suite: comma-separated spec methods to run beside speculation off")
     bench.add_argument("--spec-tokens", type=int, default=0, help="spec suite: most draft tokens (0: latency-sized)")
+    bench.add_argument("--draft-model", default=None,
+                       help="ray suite: also run spec method model with this draft model (e.g. smollm2-135m)")
     bench.add_argument("--server", metavar="HOST:PORT", default=None,
                        help="serve suite: a running server (default: start one in this process)")
     bench.add_argument("--concurrency", default="1,2,4,8,16", help="serve suite: comma-separated stream counts")
     bench.add_argument("--requests-per-level", type=int, default=8,
                        help="serve suite: requests per concurrency level (at least 2x the concurrency)")
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON results")
+    _add_longctx_bench_args(bench)
     _add_model_args(bench)
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--seed", type=int, default=0, help="prompt selection seed")
@@ -124,13 +189,36 @@ def _generate(args) -> None:
         generate_all_remote(args.server, prompts, params, args.spec, args.json, token=args.token, tls_ca=args.tls_ca)
         return
     loaded = load_engine(args.model, **engine_options(args))
-    generate_all(loaded.engine, prompts, params, args.json)
+    router = _long_prefill_router(args, loaded.engine)
+    try:
+        generate_all(loaded.engine, prompts, params, args.json, router.prefix_kv if router else None)
+    finally:
+        if router is not None:
+            router.close()
+    if loaded.engine.shared_cache is not None and not loaded.engine.shared_cache.flush():
+        print("specserve: warning: some prefix cache writes did not finish", file=sys.stderr)
+
+
+def _long_prefill_router(args, engine):
+    """The local prefill group of --prefill-workers (None when 1: off)."""
+    from specserve.workers.sequence_parallel import SequenceParallelMode
+
+    from .long_prefill import LongPrefillConfig, LongPrefillRouter
+
+    config = LongPrefillConfig(args.prefill_workers, SequenceParallelMode(args.sequence_parallel),
+                               args.long_prompt_threshold)
+    if not config.enabled:
+        return None
+    threads = max(1, (args.threads or 2) // config.workers)
+    return LongPrefillRouter(config, engine, args.model, args.device, threads)
 
 
 def _serve(args) -> None:
     from .serve_cmd import serve, server_config
 
-    serve(server_config(args), args.model, engine_options(args))
+    from .ray_serve import ray_serve_options
+
+    serve(server_config(args), args.model, engine_options(args), ray_serve_options(args))
 
 
 def engine_options(args) -> dict:
@@ -147,8 +235,20 @@ def engine_options(args) -> dict:
     method = getattr(args, "spec", "none") or default_method(draft_model)
     template = getattr(args, "spec_template", None) or DEFAULT_TEMPLATE
     spec = SpecConfig(method, getattr(args, "spec_tokens", 0), draft_model, template)
-    config = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), spec=spec)
-    return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "config": config}
+    if args.cache_ttl_s is not None and args.cache_ttl_s < 1:
+        raise ValueError(f"--cache-ttl-s must be >= 1, got {args.cache_ttl_s}")
+    config = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), spec=spec,
+                          prefix_caching=not args.no_prefix_cache)
+    return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "config": config,
+            "redis_url": None if args.no_prefix_cache else args.redis, "cache_ttl_s": args.cache_ttl_s}
+
+
+def _cache(args) -> None:
+    from .cache_cmd import cache_command
+
+    if not args.redis:
+        raise ValueError("give --redis URL (or set SPECSERVE_REDIS)")
+    cache_command(args.action, args.redis, args.model_prefix)
 
 
 def _bench(args) -> None:
@@ -158,6 +258,18 @@ def _bench(args) -> None:
         from specserve.bench.serve_load import run_serve_bench
 
         run_serve_bench(args)
+    elif args.suite == "longctx":
+        from specserve.bench.long_context import run_longctx_bench
+
+        run_longctx_bench(args)
+    elif args.suite == "prefix":
+        from specserve.bench.prefix_cache import run_prefix_bench
+
+        run_prefix_bench(args, engine_options(args))
+    elif args.suite == "ray":
+        from specserve.bench.ray_vs_inprocess import run_ray_bench
+
+        run_ray_bench(args)
     elif args.suite == "spec":
         from specserve.bench.spec_vs_hf import run_spec_bench
 
@@ -177,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     from .prompts import PromptError
 
     try:
-        {"generate": _generate, "serve": _serve, "bench": _bench}[args.command](args)
+        {"generate": _generate, "serve": _serve, "bench": _bench, "cache": _cache}[args.command](args)
     except (ModelError, PromptError, ValueError) as e:
         print(f"specserve: error: {e}", file=sys.stderr)
         return 2

@@ -47,11 +47,14 @@ class GenerationResult:
         }
 
 
-def run_prompt(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, on_text=None) -> GenerationResult:
-    """Generates for one prompt; on_text(delta) is called as text becomes final."""
+def run_prompt(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, on_text=None,
+               prefill=None) -> GenerationResult:
+    """Generates for one prompt; on_text(delta) is called as text becomes final.
+    prefill(prompt_ids) -> PrefixKV | None: K/V computed elsewhere (a prefill group), in the timing."""
     start = time.perf_counter()
     token_ids, text, last = [], [], None
-    for out in engine.generate(prompt_ids, params):
+    prefix_kv = prefill(prompt_ids) if prefill is not None else None
+    for out in engine.generate(prompt_ids, params, prefix_kv=prefix_kv):
         token_ids.extend(out.new_token_ids)
         if out.new_text:
             text.append(out.new_text)
@@ -75,10 +78,12 @@ def run_prompt(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams,
     )
 
 
-def generate_all(engine: LLMEngine, prompts: list[Prompt], params: SamplingParams, as_json: bool) -> None:
-    """Runs each prompt in turn; streams text to stdout, or prints one JSON line per prompt."""
-    emit_all(prompts, lambda prompt, on_text: run_prompt(engine, prompt.token_ids(engine.tokenizer), params, on_text),
-             as_json)
+def generate_all(engine: LLMEngine, prompts: list[Prompt], params: SamplingParams, as_json: bool,
+                 prefill=None) -> None:
+    """Runs each prompt in turn; streams text to stdout, or prints one JSON line per prompt.
+    prefill: as in run_prompt (long prompts to a prefill group)."""
+    emit_all(prompts, lambda prompt, on_text: run_prompt(engine, prompt.token_ids(engine.tokenizer), params, on_text,
+                                                         prefill), as_json)
 
 
 def emit_all(prompts: list[Prompt], run, as_json: bool) -> None:

@@ -6,6 +6,7 @@ import sys
 
 from specserve.workers.loader import load_engine
 
+from .ray_serve import RayServeOptions, served_model_from, start_backend, stop_backend
 from .server import ServerConfig, SpecServer
 
 
@@ -17,15 +18,17 @@ def server_config(args) -> ServerConfig:
     )
 
 
-def serve(config: ServerConfig, model: str, engine_options: dict) -> None:
-    asyncio.run(_serve(config, model, engine_options))
+def serve(config: ServerConfig, model: str, engine_options: dict, ray_options: RayServeOptions | None = None) -> None:
+    """ray_options: run the engines in Ray worker actors (None: in this process)."""
+    asyncio.run(_serve(config, model, engine_options, ray_options))
 
 
 def _say(message: str) -> None:
     print(f"specserve: {message}", file=sys.stderr, flush=True)
 
 
-async def _serve(config: ServerConfig, model: str, engine_options: dict) -> None:
+async def _serve(config: ServerConfig, model: str, engine_options: dict,
+                 ray_options: RayServeOptions | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -35,8 +38,16 @@ async def _serve(config: ServerConfig, model: str, engine_options: dict) -> None
     scheme = "TLS" if config.tls_cert else "plaintext"
     _say(f"listening on {config.host}:{port} ({scheme}, auth {'on' if config.token else 'off'}); loading {model}")
     try:
-        loaded = await asyncio.to_thread(load_engine, model, **engine_options)
-        await server.attach(loaded, model)
+        if ray_options is None:
+            loaded = await asyncio.to_thread(load_engine, model, **engine_options)
+            await server.attach(loaded, model)
+        else:
+            where = ray_options.address or "an embedded local Ray"
+            _say(f"starting workers on {where}")
+            backend = await asyncio.to_thread(start_backend, ray_options, model, engine_options)
+            info = backend.info
+            await server.attach_loops(backend.loops, served_model_from(info, model), info.fingerprint,
+                                      info.block_size, on_shutdown=lambda: stop_backend(backend))
         metrics = f"; metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
         _say(f"ready: serving {model} on {config.host}:{port}{metrics}")
         await stop.wait()

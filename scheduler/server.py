@@ -9,6 +9,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,7 @@ class SpecServer:
         self._health = health_aio.HealthServicer()
         self._servicer = GenerationServicer()
         self.loops: list[EngineLoop] = []
+        self._on_shutdown: Callable[[], None] | None = None
         self.metrics: ServerMetrics | None = None
         self.port = self.metrics_port = None
 
@@ -114,12 +116,20 @@ class SpecServer:
         engine loops run, health turns SERVING."""
         engine = loaded.engine
         engines = [engine] + [engine.replica() for _ in range(self.config.replicas - 1)]
-        self.loops = [EngineLoop(e, self.config.max_queued).start() for e in engines]
+        loops = [EngineLoop(e, self.config.max_queued).start() for e in engines]
+        await self.attach_loops(loops, served_model(loaded, name), loaded.source.fingerprint, engine.config.block_size)
+
+    async def attach_loops(self, loops: list, model: ServedModel, fingerprint: str, block_size: int,
+                           on_shutdown: Callable[[], None] | None = None) -> None:
+        """Starts serving engine loops that are already running (in-process EngineLoops, or
+        RemoteEngineLoops of Ray verify workers); health turns SERVING. on_shutdown runs (on a
+        thread) after the loops stopped."""
+        self.loops, self._on_shutdown = loops, on_shutdown
         self.metrics = ServerMetrics(self._servicer.stats)
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
-        router = Router(len(self.loops), block_size=engine.config.block_size)
-        self._servicer.attach(self.loops, served_model(loaded, name), loaded.source.fingerprint, self.metrics, router)
+        router = Router(len(self.loops), block_size=block_size)
+        self._servicer.attach(self.loops, model, fingerprint, self.metrics, router)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def shutdown(self) -> None:
@@ -132,6 +142,8 @@ class SpecServer:
             await asyncio.sleep(0.05)
         for loop in self.loops:
             loop.stop(timeout=10)
+        if self._on_shutdown is not None:
+            await asyncio.to_thread(self._on_shutdown)
         await self._server.stop(grace=1.0)
         if self.metrics is not None:
             self.metrics.close()
@@ -156,6 +168,10 @@ class ServerThread:
 
     def attach(self, loaded: LoadedModel, name: str) -> None:
         self._call(self.server.attach(loaded, name))
+
+    def attach_loops(self, loops: list, model: ServedModel, fingerprint: str, block_size: int,
+                     on_shutdown: Callable[[], None] | None = None) -> None:
+        self._call(self.server.attach_loops(loops, model, fingerprint, block_size, on_shutdown))
 
     def stop(self) -> None:
         self._call(self.server.shutdown())

@@ -8,15 +8,18 @@ import time
 import torch
 
 from specserve.cluster.block_hash import prefix_block_hashes
+from specserve.cluster.prefix_cache import SharedPrefixCache
 
 from .detokenizer import IncrementalDetokenizer
 from .forward_batch import SequenceSlots, build_forward_batch
 from .kv_cache import KVCacheConfig, PagedKVCache
+from .kv_prefix import PrefixKV
 from .llama import LlamaModel
 from .sampler import sample_tokens
 from .sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 from .spec.draft_tree import DraftTree
 from .spec.methods import SpecConfig, build_drafter
+from .spec.draft_prefix import DraftPrefixCache
 from .spec.model_drafter import ModelDrafter
 from .spec.latency_profile import measure_latency_curve
 from .spec.speculator import Speculator
@@ -63,12 +66,21 @@ class LLMEngine:
         eos_token_ids=(),
         latency_curve: LatencyCurve | None = None,
         draft_model: LlamaModel | None = None,
+        shared_cache: SharedPrefixCache | None = None,
+        model_fingerprint: str = "",
+        draft_shared_cache: SharedPrefixCache | None = None,
+        draft_fingerprint: str = "",
     ):
         """latency_curve: the verify forward's measured t(S); with speculation on and no
         max_draft_tokens it is measured here when not given (pass a cached one).
-        draft_model: the `model` drafter's LM (same vocabulary); it gets its own KV pool."""
+        draft_model: the `model` drafter's LM (same vocabulary); it gets its own KV pool.
+        shared_cache: the prefix cache shared across workers (L2); the KV pool is L1.
+        model_fingerprint: names the weights in prefix cache keys (two models never share a block).
+        draft_shared_cache, draft_fingerprint: the same for the draft model's KV."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.draft_model = draft_model
+        self.shared_cache, self.model_fingerprint = shared_cache, model_fingerprint
+        self.draft_shared_cache, self.draft_fingerprint = draft_shared_cache, draft_fingerprint
         self.eos_token_ids = frozenset(eos_token_ids)
         mc = model.config
         self.max_model_len = mc.max_position_embeddings
@@ -79,7 +91,7 @@ class LLMEngine:
             KVCacheConfig(mc.num_layers, mc.num_kv_heads, mc.head_dim, num_blocks, config.block_size,
                           model.dtype, str(model.device))
         )
-        self.planner = StepPlanner(config.planner, self.kv, self._attach_cached_prefix if config.prefix_caching else None)
+        self.planner = StepPlanner(config.planner, self.kv, self._attach_prefix)
         self.speculator = None
         drafter = build_drafter(config.spec, mc.vocab_size, self._model_drafter(draft_model))
         if drafter is not None:
@@ -90,29 +102,73 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
         self._prefix_keys: dict[str, list[bytes]] = {}  # request -> keys of its full prompt blocks
+        self._given_kv: dict[str, PrefixKV] = {}  # request -> prompt K/V computed or fetched elsewhere
 
-    def _attach_cached_prefix(self, seq: Sequence) -> None:
-        """Gives a sequence about to prefill the longest cached run of its prompt blocks,
-        leaving at least its last prompt token to compute (its logits are needed)."""
-        keys = self._prefix_keys.get(seq.request_id, [])[: (len(seq.prompt_ids) - 1) // self.config.block_size]
-        for key in keys:
+    def block_keys(self, prompt_ids: list[int], cache_salt: str = "") -> list[bytes]:
+        """Prefix cache keys of the prompt's full blocks (cluster/block_hash.py)."""
+        extra = (self.model_fingerprint, str(self.model.dtype), cache_salt)
+        return [h.digest for h in prefix_block_hashes(prompt_ids, self.config.block_size, extra)]
+
+    def lookup_shared_prefix(self, prompt_ids: list[int], cache_salt: str = "") -> PrefixKV | None:
+        """The prompt's blocks found in the shared cache (L2) after the leading ones this engine
+        holds (L1), short of the block with the last prompt token; None when there are none.
+        Reads no engine state but the L1 key index, so another thread may call it."""
+        if self.shared_cache is None or not self.config.prefix_caching:
+            return None
+        keys = self.block_keys(prompt_ids, cache_salt)[: (len(prompt_ids) - 1) // self.config.block_size]
+        held = 0
+        while held < len(keys) and self.kv.allocator.is_cached(keys[held]):
+            held += 1
+        blocks = self.shared_cache.fetch(keys[held:])
+        if not blocks:
+            return None
+        bs = self.config.block_size
+        layers, _, kv_heads, head_dim = blocks[0].k.shape
+        k = torch.empty(layers, len(blocks) * bs, kv_heads, head_dim, dtype=blocks[0].k.dtype)  # (L, n * bs, Hkv, D)
+        v = torch.empty_like(k)
+        for i, block in enumerate(blocks):
+            k[:, i * bs : (i + 1) * bs], v[:, i * bs : (i + 1) * bs] = block.k, block.v
+        return PrefixKV(held * bs, k, v, cached=True)
+
+    def _attach_prefix(self, seq: Sequence) -> None:
+        """Gives a sequence about to prefill the KV it need not compute: the longest run of its
+        prompt blocks held in the pool (L1), then what was handed in with it (the shared cache's
+        blocks, or a prefill worker's output), always leaving its last prompt token to compute
+        (its logits are needed). Takes what the pool can give; the rest is computed."""
+        limit = len(seq.prompt_ids) - 1
+        for key in self._prefix_keys.get(seq.request_id, [])[: limit // self.config.block_size]:
             block = self.kv.allocator.take_cached(key)
             if block is None:
                 break
             seq.table.blocks.append(block)
         seq.table.num_tokens = len(seq.table.blocks) * self.config.block_size
+        cached = seq.table.num_tokens
+        given = self._given_kv.get(seq.request_id)
+        if given is not None and given.start <= seq.table.num_tokens < min(given.end, limit):
+            first, end = seq.table.num_tokens - given.start, min(given.end, limit) - given.start
+            if self.kv.blocks_needed(seq.table, end - first) <= self.kv.allocator.num_free:
+                self.kv.extend(seq.table, given.k[:, first:end], given.v[:, first:end])
+                cached = seq.table.num_tokens if given.cached else cached
         if seq.first_token_time is None:
-            seq.cached_tokens = seq.table.num_tokens
+            seq.cached_tokens = cached
 
-    def _register_prompt_blocks(self, seq: Sequence) -> None:
-        """After a prefill: its full prompt blocks become findable by their keys."""
-        for block, key in zip(seq.table.blocks, self._prefix_keys.get(seq.request_id, [])):
+    def _prefill_done(self, seq: Sequence) -> None:
+        """Its full prompt blocks become findable by key here (L1), and those no cache gave it are
+        written to the shared cache (L2, off this thread)."""
+        self._given_kv.pop(seq.request_id, None)
+        keys = self._prefix_keys.get(seq.request_id, [])
+        for block, key in zip(seq.table.blocks, keys):
             self.kv.allocator.register(block, key)
+        first = seq.cached_tokens // self.config.block_size
+        if self.shared_cache is not None and len(keys) > first:
+            k, v = self.kv.read(seq.table, first * self.config.block_size, len(keys) * self.config.block_size)
+            self.shared_cache.publish(keys[first:], k, v)
 
     def replica(self) -> "LLMEngine":
         """Another engine over the same weights, with its own KV pool, requests and drafter state."""
         curve = self.speculator.curve if self.speculator is not None else None
-        return LLMEngine(self.model, self.tokenizer, self.config, self.eos_token_ids, curve, self.draft_model)
+        return LLMEngine(self.model, self.tokenizer, self.config, self.eos_token_ids, curve, self.draft_model,
+                         self.shared_cache, self.model_fingerprint, self.draft_shared_cache, self.draft_fingerprint)
 
     def _model_drafter(self, draft_model: LlamaModel | None) -> ModelDrafter | None:
         if draft_model is None:
@@ -125,12 +181,17 @@ class LLMEngine:
         blocks = self.kv.config.num_blocks + self.config.planner.max_num_seqs * tree_blocks
         kv = PagedKVCache(KVCacheConfig(dc.num_layers, dc.num_kv_heads, dc.head_dim, blocks, self.config.block_size,
                                         draft_model.dtype, str(draft_model.device)))
-        return ModelDrafter(draft_model, kv)
+        cache = None
+        if self.config.prefix_caching:
+            cache = DraftPrefixCache(kv, self.draft_fingerprint or "draft:" + self.model_fingerprint,
+                                     self.draft_shared_cache)
+        return ModelDrafter(draft_model, kv, prefix_cache=cache)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    cache_salt: str = "") -> Sequence:
+                    cache_salt: str = "", prefix_kv: PrefixKV | None = None) -> Sequence:
         """Queues a request. Raises ValueError naming the limit when it cannot ever run.
-        cache_salt: requests with different salts never share cached prefix blocks."""
+        cache_salt: requests with different salts never share cached prefix blocks.
+        prefix_kv: K/V of some of its prompt tokens computed or fetched elsewhere (see _attach_prefix)."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -138,15 +199,18 @@ class LLMEngine:
                 f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len} "
                 "(prompt + at least one new token)"
             )
-        seq = Sequence(list(prompt_ids), params, **({"request_id": request_id} if request_id else {}))
+        seq = Sequence(list(prompt_ids), params, cache_salt=cache_salt, **({"request_id": request_id} if request_id else {}))
         if seq.request_id in self._requests:
             raise ValueError(f"request_id {seq.request_id!r} is already running")
         self._requests[seq.request_id] = seq
         self._detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop)
         if self.config.prefix_caching:
-            extra = (str(self.model.dtype), cache_salt)
-            keys = prefix_block_hashes(seq.prompt_ids, self.config.block_size, extra)
-            self._prefix_keys[seq.request_id] = [k.digest for k in keys]
+            self._prefix_keys[seq.request_id] = self.block_keys(seq.prompt_ids, cache_salt)
+        if prefix_kv is not None:
+            if prefix_kv.start % self.config.block_size:
+                raise ValueError(f"prefix_kv.start must be a multiple of the block size "
+                                 f"{self.config.block_size}, got {prefix_kv.start}")
+            self._given_kv[seq.request_id] = prefix_kv
         self.planner.add(seq)
         return seq
 
@@ -189,17 +253,20 @@ class LLMEngine:
         logits = self.model.forward(batch, self.kv)  # (L, V): tree seqs have one row per node
         for seq, tree in ready:
             if tree is None and not seq.output_ids:  # this step computed the rest of its prompt
-                self._register_prompt_blocks(seq)
+                self._prefill_done(seq)
         rows = logits.split([c for c in batch.logits_counts if c], dim=0)
         sampled = iter(self._sample([(seq, row) for (seq, tree), row in zip(ready, rows) if tree is None]))
         outputs = []
         for (seq, tree), row in zip(ready, rows):
             new = [next(sampled)] if tree is None else self.speculator.verify_and_commit(seq, tree, row).tokens
             outputs.append(self._append(seq, new))
-        if self.speculator is not None and all(p.num_new == (trees[p.seq].size if p.seq in trees else 1)
-                                               for p in planned):  # a pure decode step
-            tokens = sum(len(out.new_token_ids) for out in outputs)
-            self.speculator.record_step(len(planned), bool(trees), tokens, time.perf_counter() - step_start)
+        if self.speculator is not None:
+            decode = [p.seq for p in planned if p.num_new == (trees[p.seq].size if p.seq in trees else 1)
+                      and p.seq.output_ids]  # decoding sequences (the rest prefilled a prompt chunk)
+            if decode:
+                tokens = sum(len(out.new_token_ids) for out in outputs if out.seq in decode)
+                self.speculator.record_step(len(decode), bool(trees), tokens, time.perf_counter() - step_start,
+                                            mixed=len(decode) < len(planned))
         return outputs
 
     @staticmethod
@@ -219,16 +286,21 @@ class LLMEngine:
             return {}
         decoding = [s for s in self.planner.running if s.num_tokens - s.num_computed == 1]
         drafting = [s for s in decoding if s.params.max_draft_tokens != 0]  # 0: the request turned it off
-        if not drafting or not self.speculator.speculate(len(decoding)):
+        mixed = bool(self.planner.waiting) or len(decoding) < len(self.planner.running)  # a prefill chunk joins
+        if not drafting or not self.speculator.speculate(len(decoding), mixed):
             return {}
         # Trees are sized as if the step decoded only: a prefill chunk in the same step makes the
         # step long, but a draft node still costs its own time and must pay for it at the decode
         # rate (sized against the whole step, trees grew to hundreds of nodes and delayed prefill).
         return dict(zip(drafting, self.speculator.propose(drafting, len(decoding) - len(drafting))))
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
-        """Runs one request to the end, yielding each step's output (for in-process use)."""
-        seq = self.add_request(prompt_ids, params)
+    def generate(self, prompt_ids: list[int], params: SamplingParams, cache_salt: str = "",
+                 prefix_kv: PrefixKV | None = None) -> Iterator[RequestOutput]:
+        """Runs one request to the end, yielding each step's output (for in-process use).
+        Without prefix_kv, the shared prefix cache is asked for the prompt's blocks first."""
+        if prefix_kv is None:
+            prefix_kv = self.lookup_shared_prefix(prompt_ids, cache_salt)
+        seq = self.add_request(prompt_ids, params, cache_salt=cache_salt, prefix_kv=prefix_kv)
         while not seq.is_finished:
             for out in self.step():
                 if out.seq is seq:
@@ -263,6 +335,7 @@ class LLMEngine:
         self._requests.pop(seq.request_id, None)
         self._detokenizers.pop(seq.request_id, None)
         self._prefix_keys.pop(seq.request_id, None)
+        self._given_kv.pop(seq.request_id, None)
 
 
 def default_dtype(device: str) -> torch.dtype:

@@ -8,11 +8,13 @@ request's KV blocks and batch slots are free before the step after the one runni
 import logging
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .engine import LLMEngine, RequestOutput
-from .sequence import FinishReason, SamplingParams, Sequence
+from .kv_prefix import PrefixKV
+from .sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger("specserve.engine_loop")
 
@@ -58,12 +60,16 @@ class _Pending:
     request_id: str
     on_output: OutputCallback
     cache_salt: str
+    prefix_kv: PrefixKV | None = None  # the prompt's blocks found in the shared prefix cache
 
 
 class EngineLoop:
     """max_queued: requests admitted beyond the engine's batch (planner max_num_seqs). Once
     max_num_seqs + max_queued requests are in flight, submit raises QueueFullError at once
-    instead of growing a backlog."""
+    instead of growing a backlog.
+
+    With a shared prefix cache, a request first looks its prompt up there on a fetch thread (the
+    engine keeps stepping meanwhile) and joins the inbox when the blocks have arrived."""
 
     def __init__(self, engine: LLMEngine, max_queued: int):
         if max_queued < 0:
@@ -74,6 +80,9 @@ class EngineLoop:
         self._inbox: deque[_Pending] = deque()
         self._cancels: deque[str] = deque()
         self._callbacks: dict[str, OutputCallback] = {}  # every admitted, unfinished request
+        self._fetching = 0  # requests looking up the shared prefix cache
+        self._cancelled: set[str] = set()  # cancelled before they reached the engine
+        self._fetcher = ThreadPoolExecutor(2, "prefix-fetch") if engine.shared_cache is not None else None
         self._closed = False  # no new admissions
         self._stopping = False  # abort what is in flight and end the thread
         self._counters = dict.fromkeys(
@@ -86,9 +95,10 @@ class EngineLoop:
         return self
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, on_output: OutputCallback,
-               cache_salt: str = "") -> None:
+               cache_salt: str = "", prefix_kv: PrefixKV | None = None) -> None:
         """Admits a request; outputs go to on_output. Raises QueueFullError, LoopStoppedError,
-        or ValueError for a request_id already in flight."""
+        or ValueError for a request_id already in flight. prefix_kv: prompt K/V computed
+        elsewhere (a prefill worker's; see LLMEngine.add_request), skipping the shared cache lookup."""
         with self._cv:
             if self._closed:
                 raise LoopStoppedError("the server is shutting down")
@@ -98,7 +108,22 @@ class EngineLoop:
                 self._counters["rejected"] += 1
                 raise QueueFullError(f"{len(self._callbacks)} requests in flight, the limit is {self.max_in_flight}")
             self._callbacks[request_id] = on_output
-            self._inbox.append(_Pending(list(prompt_ids), params, request_id, on_output, cache_salt))
+            pending = _Pending(list(prompt_ids), params, request_id, on_output, cache_salt, prefix_kv)
+            if self._fetcher is None or prefix_kv is not None:
+                self._inbox.append(pending)
+                self._cv.notify()
+                return
+            self._fetching += 1
+        self._fetcher.submit(self._fetch, pending)
+
+    def _fetch(self, pending: _Pending) -> None:
+        try:
+            pending.prefix_kv = self.engine.lookup_shared_prefix(pending.prompt_ids, pending.cache_salt)
+        except Exception:  # noqa: BLE001 - a failed lookup is a miss, never a failed request
+            log.exception("prefix cache lookup of request %s failed", pending.request_id)
+        with self._cv:
+            self._fetching -= 1
+            self._inbox.append(pending)
             self._cv.notify()
 
     def cancel(self, request_id: str) -> None:
@@ -146,8 +171,12 @@ class EngineLoop:
                     self._cv.wait()
                 adds, self._inbox = list(self._inbox), deque()
                 cancels, self._cancels = list(self._cancels), deque()
-                if self._stopping and not adds and not cancels and not self.engine.has_unfinished():
+                if (self._stopping and not adds and not cancels and not self.engine.has_unfinished()
+                        and not self._fetching):
                     return
+                if self._stopping and not (adds or cancels or self.engine.has_unfinished()):
+                    self._cv.wait()  # a lookup still in flight joins the inbox (and is aborted) when done
+                    continue
             for pending in adds:
                 self._add(pending)
             for request_id in cancels:
@@ -156,15 +185,25 @@ class EngineLoop:
                 self._step()
 
     def _add(self, pending: _Pending) -> None:
+        if pending.request_id in self._cancelled or self._stopping:
+            self._cancelled.discard(pending.request_id)
+            seq = Sequence(pending.prompt_ids, pending.params, pending.request_id, status=SequenceStatus.FINISHED,
+                           finish_reason=FinishReason.ABORT)
+            self._deliver(pending.request_id, RequestOutput(pending.request_id, [], "", True, FinishReason.ABORT, seq))
+            return
         try:
-            self.engine.add_request(pending.prompt_ids, pending.params, pending.request_id, pending.cache_salt)
+            self.engine.add_request(pending.prompt_ids, pending.params, pending.request_id, pending.cache_salt,
+                                    pending.prefix_kv)
         except ValueError as e:
             self._deliver(pending.request_id, e)
 
     def _abort(self, request_id: str) -> None:
         seq = self.engine.running_sequence(request_id)
         if seq is None:
-            return  # finished (or never added) in the meantime
+            with self._cv:
+                if request_id in self._callbacks:  # still looking up the prefix cache
+                    self._cancelled.add(request_id)
+            return  # or finished in the meantime
         self.engine.abort(request_id)
         self._deliver(request_id, RequestOutput(request_id, [], "", True, FinishReason.ABORT, seq))
 

@@ -94,6 +94,10 @@ class BlockAllocator:
         if key not in self._block_of and block not in self._key_of:
             self._block_of[key], self._key_of[block] = block, key
 
+    def is_cached(self, key: bytes) -> bool:
+        """Whether a block is registered under key (referenced or kept for reuse)."""
+        return key in self._block_of
+
     def take_cached(self, key: bytes) -> int | None:
         """The block registered under key with one more reference, or None."""
         block = self._block_of.get(key)
@@ -200,6 +204,26 @@ class PagedKVCache:
 
     def free(self, table: BlockTable) -> None:
         self.truncate(table, 0)
+
+    def read(self, table: BlockTable, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values of the table's tokens [start, end): [L, n, Hkv, D] each."""
+        slots = self.slots(table, start, end).to(self.k.device)
+        return self.k[:, slots], self.v[:, slots]  # advanced indexing copies
+
+    def extend(self, table: BlockTable, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Appends tokens whose keys and values are given ([L, n, Hkv, D] each, computed elsewhere).
+
+        Raises ValueError when the shape does not fit this cache, OutOfBlocksError when the pool
+        is short (the table is left unchanged).
+        """
+        c = self.config
+        expected = (c.num_layers, c.num_kv_heads, c.head_dim)
+        if k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != expected:
+            raise ValueError(f"K/V of shape {tuple(k.shape)} do not fit a cache of [layers, tokens, kv_heads, "
+                             f"head_dim] = [{c.num_layers}, n, {c.num_kv_heads}, {c.head_dim}]")
+        slots = self.append(table, k.shape[1]).to(self.k.device)
+        self.k[:, slots] = k.to(self.k.device, self.k.dtype)
+        self.v[:, slots] = v.to(self.v.device, self.v.dtype)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores keys/values [n, Hkv, D] of one layer at slots [n]."""

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
+from specserve.cluster.prefix_cache import SharedPrefixCache
+from specserve.cluster.redis_store import RedisBlockStore
+
 from .engine import EngineConfig, LLMEngine, default_dtype
 from .llama import LlamaModel, MissingWeightError
 from .model_config import ModelConfig, UnsupportedConfigError
@@ -52,6 +55,13 @@ def _load_weights(source: ModelSource, dtype: torch.dtype, device: str) -> Llama
         raise ModelError(f"{source.name}: {e}") from None
 
 
+def _shared_cache(store: RedisBlockStore, source: ModelSource, model: LlamaModel, block_size: int,
+                  ttl_s: int | None) -> SharedPrefixCache:
+    mc = model.config
+    return SharedPrefixCache(store, source.fingerprint, (mc.num_layers, block_size, mc.num_kv_heads, mc.head_dim),
+                             model.dtype, ttl_s=ttl_s)
+
+
 def load_engine(
     model: str,
     *,
@@ -60,8 +70,11 @@ def load_engine(
     config: EngineConfig = EngineConfig(),
     threads: int | None = None,
     progress: bool = True,
+    redis_url: str | None = None,
+    cache_ttl_s: int | None = None,
 ) -> LoadedModel:
     """threads: torch CPU threads (None leaves torch's choice). dtype: "auto" (fp32 on CPU, bf16/fp16 on GPU) or a DTYPES key.
+    redis_url: the shared prefix cache (L2), redis://[:password@]host:port/db; cache_ttl_s: its values' lifetime.
 
     Raises ModelError with a one-line message when the model cannot be used.
     """
@@ -73,7 +86,7 @@ def load_engine(
     source = resolve_model(model, progress=progress)
     weights = _load_weights(source, torch_dtype, device)
     tokenizer = load_tokenizer(source)
-    draft = None
+    draft, draft_source = None, None
     if config.spec.draft_model:
         draft_source = resolve_model(config.spec.draft_model, progress=progress)
         if load_tokenizer(draft_source).get_vocab() != tokenizer.get_vocab():
@@ -84,8 +97,16 @@ def load_engine(
     key = curve_key(source.fingerprint, machine, device, str(torch_dtype), torch.get_num_threads())
     curve_path = cache_root() / "profiles" / f"{key}.json"
     curve = LatencyCurve.load(curve_path)
+    shared, draft_shared = None, None
+    if redis_url:
+        store = RedisBlockStore(redis_url)
+        shared = _shared_cache(store, source, weights, config.block_size, cache_ttl_s)
+        if draft is not None:
+            draft_shared = _shared_cache(store, draft_source, draft, config.block_size, cache_ttl_s)
     engine = LLMEngine(weights, tokenizer, config, eos_token_ids(source, tokenizer), latency_curve=curve,
-                       draft_model=draft)
+                       draft_model=draft, shared_cache=shared, model_fingerprint=source.fingerprint,
+                       draft_shared_cache=draft_shared,
+                       draft_fingerprint=draft_source.fingerprint if draft_source else "")
     if curve is None and engine.speculator is not None and engine.speculator.curve is not None:
         engine.speculator.curve.save(curve_path)  # measured once per model, machine, dtype, threads
     return LoadedModel(source, engine)

@@ -73,6 +73,7 @@ class Sequence:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     generator: torch.Generator | None = None  # seeded per request when sampling
+    cache_salt: str = ""  # requests with different salts never share cached prefix blocks
 
     def __post_init__(self):
         if not self.prompt_ids:

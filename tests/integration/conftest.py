@@ -72,3 +72,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+from .ray_cluster_fixture import ray_cluster  # noqa: E402,F401 - the shared multi-node Ray cluster

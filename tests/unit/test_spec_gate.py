@@ -45,3 +45,12 @@ def test_load_levels_are_powers_of_two():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         SpecGate(**kwargs)
+
+
+def test_steps_mixed_with_prefill_have_their_own_verdict():
+    gate = SpecGate(explore_every=16)
+    for _ in range(200):  # pure decode: speculation pays; with a prefill chunk in the step it costs
+        for mixed, rate_on, rate_off in ((False, 40.0, 30.0), (True, 8.0, 10.0)):
+            on = gate.speculate(8, mixed)
+            gate.record(8, on, tokens=8, seconds=8 / (rate_on if on else rate_off), mixed=mixed)
+    assert gate.pays(gate.level(8), mixed=False) and not gate.pays(gate.level(8), mixed=True)

@@ -19,6 +19,10 @@ class Drafter(ABC):
         Returns DraftTree.root_only when there is nothing worth drafting.
         """
 
+    def propose_many(self, seqs: list[Sequence], max_nodes: list[int]) -> list[DraftTree]:
+        """propose for several sequences at once (a drafter in another process answers them in one call)."""
+        return [self.propose(seq, n) for seq, n in zip(seqs, max_nodes)]
+
     def observe(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor, acceptance: Acceptance) -> None:
         """Called after verification with the target's logits at every node [tree.size, V]."""
 
@@ -35,6 +39,10 @@ class CombinedDrafter(Drafter):
 
     def propose(self, seq: Sequence, max_nodes: int) -> DraftTree:
         return merge_trees([d.propose(seq, max_nodes) for d in self.drafters], max_nodes)
+
+    def propose_many(self, seqs: list[Sequence], max_nodes: list[int]) -> list[DraftTree]:
+        per_drafter = [d.propose_many(seqs, max_nodes) for d in self.drafters]  # [drafter][seq]
+        return [merge_trees(list(trees), n) for trees, n in zip(zip(*per_drafter), max_nodes)]
 
     def observe(self, seq, tree, logits, acceptance) -> None:
         for d in self.drafters:

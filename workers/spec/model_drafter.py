@@ -26,6 +26,7 @@ from ..kv_cache import BlockTable, OutOfBlocksError, PagedKVCache
 from ..llama import LlamaModel
 from ..sampler import target_probs
 from ..sequence import Sequence
+from .draft_prefix import DraftPrefixCache
 from .draft_tree import DraftTree
 from .drafter import Drafter
 
@@ -47,8 +48,9 @@ class ModelDrafter(Drafter):
     name = "model"
 
     def __init__(self, model: LlamaModel, kv: PagedKVCache, top_k: int = TOP_K, beam: int = BEAM,
-                 max_depth: int = MAX_DEPTH):
-        self.model, self.kv = model, kv
+                 max_depth: int = MAX_DEPTH, prefix_cache: DraftPrefixCache | None = None):
+        """prefix_cache: caches the draft model's prompt blocks (draft_prefix.py); None: always computed."""
+        self.model, self.kv, self.prefix_cache = model, kv, prefix_cache
         self.top_k, self.beam, self.max_depth = top_k, beam, max_depth
         self._tables: dict[Sequence, BlockTable] = {}
 
@@ -62,8 +64,13 @@ class ModelDrafter(Drafter):
         committed = seq.num_tokens  # the root (last token) included
         if table.num_tokens >= committed:  # a preempted sequence starts over
             self.kv.truncate(table, 0)
+        fresh = table.num_tokens == 0 and self.prefix_cache is not None
         try:
+            if fresh:
+                self.prefix_cache.attach(seq, table)
             root_q = self._forward(table, seq.token_ids[table.num_tokens :], None, [], seq)[0]  # [V]
+            if fresh:
+                self.prefix_cache.computed(seq, table)
             cands = self._grow(seq, table, root_q, committed, max_nodes)
         except OutOfBlocksError:  # the draft pool is full: no draft this step
             return DraftTree.root_only(seq.token_ids[-1])
@@ -71,7 +78,20 @@ class ModelDrafter(Drafter):
             self.kv.truncate(table, min(committed, table.num_tokens))  # drop the tree slots
         return self._tree(seq.token_ids[-1], cands, max_nodes, sampled=not seq.params.greedy)
 
+    def place_prefix(self, seq: Sequence, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Takes the draft model's K/V of seq's first tokens computed elsewhere (a prefill worker),
+        [L, n, Hkv, D] each with n < seq.num_tokens, so the next proposal computes only the rest."""
+        if k.shape[1] >= seq.num_tokens:
+            raise ValueError(f"draft K/V of {k.shape[1]} tokens for a sequence of {seq.num_tokens}: the last token "
+                             "(the root) must be computed by the drafter")
+        self.release(seq)
+        table = BlockTable()
+        self.kv.extend(table, k, v)
+        self._tables[seq] = table
+
     def release(self, seq: Sequence) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(seq)
         table = self._tables.pop(seq, None)
         if table is not None:
             self.kv.free(table)

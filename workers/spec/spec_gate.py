@@ -4,10 +4,15 @@ The latency curve sizes each step's trees, but it is profiled on one sequence: w
 sequences in a step the real costs differ (each sequence's own keys, padding among draft trees,
 drafting and verification in Python), and where acceptance is low speculation can cost more
 than it yields. So the engine also measures: per load level (the number of decoding sequences,
-in powers of two), moving averages of tokens and of seconds per pure decode step with
-speculation and without (their ratio is the rate). It speculates where that is at least as
-fast (within MARGIN), and spends one step in `explore_every` (one in 4 until it has
-WARMUP_SAMPLES of it) on the other choice so both stay measured as conditions change.
+in powers of two) and step kind (pure decode, or decode mixed with a prefill chunk), moving
+averages of decode tokens and of seconds per step with speculation and without (their ratio is
+the rate). It speculates where that is at least as fast (within MARGIN), and spends one step in
+`explore_every` (one in 4 until it has WARMUP_SAMPLES of it) on the other choice so both stay
+measured as conditions change.
+
+Mixed steps are a situation of their own: under load most steps also prefill newly arrived
+prompts, the prefill dominates their time, and a draft tree there delays every other request.
+Both choices see the same mix of prefill chunks on average, so their rates compare fairly.
 """
 
 from collections import defaultdict
@@ -25,42 +30,44 @@ class SpecGate:
         if not 0 < weight <= 1:
             raise ValueError(f"weight must be in (0, 1], got {weight}")
         self.explore_every, self.weight = explore_every, weight
-        # (load level, speculated) -> moving averages of tokens and seconds per step; their ratio
-        # is the rate (a ratio of averages: one step that accepted nothing does not swing it)
-        self._tokens: dict[tuple[int, bool], float] = {}
-        self._seconds: dict[tuple[int, bool], float] = {}
-        self._samples: defaultdict[tuple[int, bool], int] = defaultdict(int)
-        self._steps: defaultdict[int, int] = defaultdict(int)
+        # ((load level, mixed), speculated) -> moving averages of tokens and seconds per step; their
+        # ratio is the rate (a ratio of averages: one step that accepted nothing does not swing it)
+        self._tokens: dict[tuple[tuple[int, bool], bool], float] = {}
+        self._seconds: dict[tuple[tuple[int, bool], bool], float] = {}
+        self._samples: defaultdict[tuple[tuple[int, bool], bool], int] = defaultdict(int)
+        self._steps: defaultdict[tuple[int, bool], int] = defaultdict(int)
 
     @staticmethod
     def level(num_seqs: int) -> int:
         """1 -> 1, 2..3 -> 2, 4..7 -> 3, 8..15 -> 4, ..."""
         return max(num_seqs, 1).bit_length()
 
-    def speculate(self, num_seqs: int) -> bool:
-        """Whether the next step with num_seqs decoding sequences should speculate."""
-        level = self.level(num_seqs)
-        self._steps[level] += 1
-        best = self.pays(level)
+    def speculate(self, num_seqs: int, mixed: bool = False) -> bool:
+        """Whether the next step with num_seqs decoding sequences (and a prefill chunk when mixed)
+        should speculate."""
+        situation = (self.level(num_seqs), mixed)
+        self._steps[situation] += 1
+        best = self.pays(*situation)
         # explore often until the other choice has a few samples, then once in explore_every steps
-        period = self.explore_every if self._samples[level, not best] >= WARMUP_SAMPLES else 4
-        return not best if self._steps[level] % period == 0 else best
+        period = self.explore_every if self._samples[situation, not best] >= WARMUP_SAMPLES else 4
+        return not best if self._steps[situation] % period == 0 else best
 
-    def pays(self, level: int) -> bool:
+    def pays(self, level: int, mixed: bool = False) -> bool:
         """Speculation's measured rate is at least the plain one, less MARGIN (or either is unmeasured)."""
-        on, off = self.rate(level, True), self.rate(level, False)
+        on, off = self.rate(level, True, mixed), self.rate(level, False, mixed)
         return on is None or off is None or on >= (1 - MARGIN) * off
 
-    def rate(self, level: int, speculated: bool) -> float | None:
-        """Measured tokens per second at a load level with or without speculation."""
-        key = (level, speculated)
+    def rate(self, level: int, speculated: bool, mixed: bool = False) -> float | None:
+        """Measured decode tokens per second at a load level and step kind, with or without speculation."""
+        key = ((level, mixed), speculated)
         return self._tokens[key] / self._seconds[key] if key in self._tokens else None
 
-    def record(self, num_seqs: int, speculated: bool, tokens: int, seconds: float) -> None:
-        """A pure decode step (no prefill in it): its sequences, choice, tokens made and wall time."""
+    def record(self, num_seqs: int, speculated: bool, tokens: int, seconds: float, mixed: bool = False) -> None:
+        """A step: its decoding sequences, choice, decode tokens made, wall time, and whether it
+        also ran a prefill chunk."""
         if seconds <= 0 or num_seqs < 1:
             return
-        key = (self.level(num_seqs), speculated)
+        key = ((self.level(num_seqs), mixed), speculated)
         self._samples[key] += 1
         w = max(1 / self._samples[key], self.weight)  # a plain mean until 1/weight samples
         for table, value in ((self._tokens, tokens), (self._seconds, seconds)):

@@ -42,9 +42,8 @@ class Speculator:
         no deeper than the tokens it may still produce or the context can hold, with at most
         the engine's and the request's max_draft_tokens (the engine skips requests with 0)."""
         trees = []
-        for seq in seqs:
-            cap = min(self.max_draft_tokens, seq.params.max_draft_tokens or self.max_draft_tokens)
-            tree = self.drafter.propose(seq, cap + 1)
+        caps = [min(self.max_draft_tokens, seq.params.max_draft_tokens or self.max_draft_tokens) + 1 for seq in seqs]
+        for seq, tree in zip(seqs, self.drafter.propose_many(seqs, caps)):  # one call: a remote drafter batches
             room = min(seq.params.max_new_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens) - 1
             trees.append(tree.limit_depth(max(room, 0)))
         if self.curve is not None and trees:
@@ -78,13 +77,14 @@ class Speculator:
         seq.accepted_tokens += acceptance.num_accepted
         return acceptance
 
-    def speculate(self, num_seqs: int) -> bool:
-        """Whether to draft this step for num_seqs decoding sequences (see spec_gate.py)."""
-        return self.gate is None or self.gate.speculate(num_seqs)
+    def speculate(self, num_seqs: int, mixed: bool = False) -> bool:
+        """Whether to draft this step for num_seqs decoding sequences, with a prefill chunk in the
+        step when mixed (see spec_gate.py)."""
+        return self.gate is None or self.gate.speculate(num_seqs, mixed)
 
-    def record_step(self, num_seqs: int, speculated: bool, tokens: int, seconds: float) -> None:
+    def record_step(self, num_seqs: int, speculated: bool, tokens: int, seconds: float, mixed: bool = False) -> None:
         if self.gate is not None:
-            self.gate.record(num_seqs, speculated, tokens, seconds)
+            self.gate.record(num_seqs, speculated, tokens, seconds, mixed)
 
     def release(self, seq: Sequence) -> None:
         self.drafter.release(seq)

@@ -1,0 +1,134 @@
+"""The Ray worker pieces without a cluster (fast): placement options, the remote drafter's sync
+protocol and fault handling against a fake DraftWorker, the prefill worker's K/V handed into an
+engine, and the `specserve serve` Ray flags."""
+
+import pytest
+import torch
+
+from specserve.cluster.placement import Role, RoleSpec, actor_options
+from specserve.scheduler.cli import build_parser
+from specserve.scheduler.ray_serve import ray_serve_options
+from specserve.workers.actor_messages import DraftedTrees
+from specserve.workers.engine import EngineConfig, LLMEngine
+from specserve.workers.kv_prefix import PrefixKV
+from specserve.workers.prefill_worker import LocalPrefillRunner, PrefillWorker
+from specserve.workers.remote_drafter import RemoteDrafter
+from specserve.workers.sequence import SamplingParams, Sequence
+from specserve.workers.spec.draft_tree import DraftTree
+from specserve.workers.worker_model import WorkerModel
+
+from unit.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
+
+NODE = "ab" * 28  # a node id: 28 bytes in hex
+
+
+def test_a_role_goes_to_the_nodes_offering_its_resource_else_to_this_node():
+    spec = RoleSpec(replicas=2, num_cpus=0.5, num_gpus=1, resource_per_replica=1)
+    offered = actor_options(Role.VERIFY, spec, {"CPU": 8, "specserve_verify": 2}, NODE)
+    assert offered["resources"] == {"specserve_verify": 1} and "scheduling_strategy" not in offered
+    assert (offered["num_cpus"], offered["num_gpus"], offered["max_task_retries"]) == (0.5, 1, 0)
+    local = actor_options(Role.DRAFT, spec, {"CPU": 8, "specserve_verify": 2}, NODE)
+    assert "resources" not in local and local["scheduling_strategy"].node_id == NODE
+    assert not local["scheduling_strategy"].soft
+    with pytest.raises(ValueError, match="replicas"):
+        RoleSpec(replicas=-1)
+
+
+class _Call:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+class FakeDraftWorker:
+    """Answers propose like a DraftWorker (a chain of the next two token ids), records the syncs;
+    `restarted` forgets every sequence, `broken` raises."""
+
+    def __init__(self):
+        self.syncs, self.known, self.released = [], set(), []
+        self.broken = False
+        self.propose, self.release = _Call(self._propose), _Call(self.released.extend)
+
+    def _propose(self, syncs):
+        if self.broken:
+            raise ConnectionError("draft node gone")
+        self.syncs.append(syncs)
+        trees = []
+        for s in syncs:
+            if not s.full and s.key not in self.known:
+                trees.append(None)
+                continue
+            self.known.add(s.key)
+            last = s.new_tokens[-1]
+            trees.append(DraftTree([last, last + 1, last + 2], [-1, 0, 1]))
+        return DraftedTrees(trees)
+
+
+def test_remote_drafter_sends_a_sequence_once_then_diffs_and_recovers_from_a_lost_or_dead_worker():
+    worker = FakeDraftWorker()
+    drafter = RemoteDrafter(worker, get=lambda value, timeout: value)
+    seq = Sequence([5, 6, 7], SamplingParams())
+    assert drafter.propose(seq, 8).tokens == [7, 8, 9]
+    assert worker.syncs[-1][0].full and worker.syncs[-1][0].new_tokens == [5, 6, 7]
+    seq.output_ids += [8, 9]
+    drafter.propose(seq, 8)
+    assert not worker.syncs[-1][0].full and worker.syncs[-1][0].new_tokens == [8, 9]  # a diff
+    worker.known.clear()  # the worker restarted: it answers None, the sequence goes in full next step
+    assert drafter.propose(seq, 8).size == 1
+    drafter.propose(seq, 8)
+    assert worker.syncs[-1][0].full and worker.syncs[-1][0].new_tokens == [5, 6, 7, 8, 9]
+    worker.broken = True  # dead or slow: no speculation, never an error
+    assert drafter.propose(seq, 8).tokens == [9] and drafter.failures == 1
+    worker.broken = False
+    drafter.propose(seq, 8)
+    assert worker.syncs[-1][0].full
+    drafter.release(seq)
+    assert worker.released == [seq.request_id]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ours_from_hf(tiny_hf("llama", initializer_range=0.3))
+
+
+def test_prefill_workers_kv_equals_the_engines_own_and_gives_the_same_tokens(model):
+    prompt = [(5 * i * i + 3) % 90 + 2 for i in range(37)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    worker = PrefillWorker(WorkerModel("unused", {"config": EngineConfig(block_size=4)}),
+                           target=LocalPrefillRunner(model, block_size=4, chunk=16))
+    target, draft = worker.prefill(prompt)
+    assert draft is None and target.start == 0 and target.num_tokens == len(prompt) - 1
+    assert target.k.is_contiguous() and target.k.device.type == "cpu"
+
+    def engine():
+        return LLMEngine(model, tiny_tokenizer(), EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+
+    plain, handed = engine(), engine()
+    seq = plain.add_request(prompt, params)
+    plain.step()  # the whole prompt in one step
+    k, v = plain.kv.read(seq.table, 0, len(prompt) - 1)
+    torch.testing.assert_close(target.k, k, rtol=1e-4, atol=1e-5)  # chunked vs one pass: fp32 rounding
+    torch.testing.assert_close(target.v, v, rtol=1e-4, atol=1e-5)
+    while plain.has_unfinished():
+        plain.step()
+    other = handed.add_request(prompt, params, prefix_kv=PrefixKV(0, target.k, target.v))
+    while handed.has_unfinished():
+        handed.step()
+    assert other.output_ids == seq.output_ids
+
+
+def test_serve_ray_flags():
+    parse = build_parser().parse_args
+    assert ray_serve_options(parse(["serve", "--no-ray"])) is None
+    options = ray_serve_options(parse(["serve", "--address", "auto", "--verify-replicas", "2", "--verify-gpus", "1",
+                                       "--prefill-replicas", "0", "--draft-cpus", "2", "--prefill-threshold", "512"]))
+    assert options.address == "auto"
+    b = options.backend
+    assert (b.verify.replicas, b.verify.num_gpus, b.prefill.replicas, b.draft.num_cpus) == (2, 1, 0, 2)
+    assert b.prefill_threshold == 512
+    embedded = ray_serve_options(parse(["serve", "--replicas", "3"]))
+    assert embedded.address is None and embedded.backend.verify.replicas == 3
+    with pytest.raises(ValueError, match="--no-ray"):
+        ray_serve_options(parse(["serve", "--no-ray", "--address", "auto"]))
