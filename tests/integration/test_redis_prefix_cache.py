@@ -139,6 +139,25 @@ def test_a_second_process_reuses_the_first_ones_blocks(redis_server):
     assert list(store.scan(NAMESPACE)) == [] and store.get_many(["other-app:key"]) == [b"keep me"]
 
 
+def test_values_expire_after_the_ttl_and_clear_can_pick_one_model(redis_server):
+    import redis
+
+    store = RedisBlockStore(redis_server)
+    cache = SharedPrefixCache(store, FP, SHAPE, torch.float32, ttl_s=60)
+    cache.publish([b"a"], torch.zeros(SHAPE), torch.ones(SHAPE))
+    assert cache.flush()
+    assert 0 < redis.Redis.from_url(redis_server).ttl(cache.key(b"a")) <= 60
+    other = SharedPrefixCache(store, "cd" * 32, SHAPE, torch.float32)
+    other.publish([b"a"], torch.zeros(SHAPE), torch.ones(SHAPE))
+    assert other.flush()
+    out = subprocess.run([*SPECSERVE, "cache", "clear", "--redis", redis_server, "--model-prefix", "abab"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert store.get_many([cache.key(b"a"), other.key(b"a")])[0] is None  # FP's block went
+    assert store.get_many([other.key(b"a")])[0] is not None  # the other model's stayed
+    store.delete([other.key(b"a")])
+
+
 def test_cache_command_names_an_unreachable_redis():
     out = subprocess.run([*SPECSERVE, "cache", "stats", "--redis", f"redis://127.0.0.1:{_free_port()}/0"],
                          capture_output=True, text=True, timeout=60)
