@@ -63,6 +63,14 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{role}-gpus", type=float, default=0.0, help=f"Ray GPUs each {role} actor takes")
     p.add_argument("--prefill-threshold", type=int, default=256,
                    help="prompts of at least this many tokens are prefilled by a PrefillWorker")
+    p.add_argument("--prefill-group-size", type=int, default=1,
+                   help="long prompts are prefilled sequence-parallel by a group of this many PrefillGroupWorker "
+                        "actors (1: off)")
+    p.add_argument("--sequence-parallel", choices=("ring", "ulysses"), default="ring",
+                   help="attention across the prefill group: ring (any head count) or ulysses "
+                        "(query heads must divide by --prefill-group-size)")
+    p.add_argument("--long-prompt-threshold", type=int, default=4096,
+                   help="prompts of at least this many tokens go to the prefill group (with --prefill-group-size > 1)")
     p.add_argument("--deployment-name", default="specserve",
                    help="worker actor names start with this (a restarted server finds its workers by name)")
     p.add_argument("--keep-workers", action="store_true",

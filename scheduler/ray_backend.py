@@ -9,7 +9,9 @@ not know where the engine runs.
 A request's way: prompts of at least `prefill_threshold` tokens go to a PrefillWorker first; its
 K/V ObjectRefs (not the tensors) go with the request to the VerifyWorker, which streams lists
 of StreamChunks back (a Ray streaming generator). Every request is a task on one asyncio loop
-thread here.
+thread here. With prefill_group_size > 1, prompts of at least `long_prompt_threshold` tokens are
+prefilled by a sequence-parallel group of actors instead (scheduler/ray_prefill_group.py; the
+target's K/V only, so not with a draft worker), handed over the same way.
 
 Faults: when a verify actor dies mid-request (or stops answering for `stall_timeout_s`), the
 request is resubmitted with its prompt + every token already delivered and max_new_tokens
@@ -30,8 +32,10 @@ from specserve.cluster.ray_cluster import NAMESPACE, ClusterInfo
 from specserve.workers.actor_messages import StreamChunk, WorkerInfo
 from specserve.workers.engine import RequestOutput
 from specserve.workers.sequence import FinishReason
+from specserve.workers.sequence_parallel import SequenceParallelMode
 from specserve.workers.worker_model import WorkerModel
 
+from .ray_prefill_group import PrefillGroupConfig, RayPrefillGroup
 from .remote_engine_loop import RemoteEngineLoop
 from .remote_request import MAX_UNSTARTED_RETRIES, RemoteRequest, WorkerLost
 
@@ -56,6 +60,9 @@ class RayBackendConfig:
     draft_timeout_s: float = 30.0  # a draft call slower than this: no speculation that step
     stats_interval_s: float = 0.5  # how often workers' stats are refreshed
     keep_workers: bool = False  # on shutdown leave the actors running (a restarted scheduler finds them)
+    prefill_group_size: int = 1  # >1: long prompts are prefilled by a sequence-parallel group of this many actors
+    sequence_parallel: SequenceParallelMode = SequenceParallelMode.RING  # attention across the group
+    long_prompt_threshold: int = 4096  # prompts of at least this many tokens use the group (when size > 1)
 
     def __post_init__(self):
         if self.verify.replicas < 1:
@@ -65,6 +72,8 @@ class RayBackendConfig:
         for name in ("stall_timeout_s", "ready_timeout_s", "draft_timeout_s", "stats_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.prefill_group_size < 1:
+            raise ValueError(f"prefill_group_size must be >= 1, got {self.prefill_group_size}")
         if self.max_resubmits < 0 or self.max_queued < 0:
             raise ValueError(f"max_resubmits and max_queued must be >= 0, got {self.max_resubmits}, {self.max_queued}")
 
@@ -73,8 +82,16 @@ class RayBackendConfig:
 
 
 class RayBackend:
-    def __init__(self, config: RayBackendConfig, worker_model: WorkerModel, cluster: ClusterInfo):
+    def __init__(self, config: RayBackendConfig, worker_model: WorkerModel, cluster: ClusterInfo,
+                 group_model_factory=None):
+        """group_model_factory: the prefill group's model (tests pass a tiny one; None loads the target)."""
         self.config, self.worker_model, self.cluster = config, worker_model, cluster
+        self.prefill_group: RayPrefillGroup | None = None
+        if config.prefill_group_size > 1:
+            self.prefill_group = RayPrefillGroup(
+                PrefillGroupConfig(config.name, config.prefill_group_size, config.sequence_parallel,
+                                   config.long_prompt_threshold, config.prefill, ready_timeout_s=config.ready_timeout_s),
+                worker_model, cluster, {"runtime_env": {"env_vars": WORKER_ENV}}, group_model_factory)
         self.lock = threading.Lock()
         self.requests: dict[str, RemoteRequest] = {}
         self.closed = False
@@ -107,6 +124,8 @@ class RayBackend:
         self.prefill_handles = [self._actor(Role.PREFILL, i) for i in range(c.prefill.replicas)]
         verify = self.verify_handles = [self._actor(Role.VERIFY, i) for i in range(c.verify.replicas)]
         ray.get([h.ready.remote() for h in self.draft_handles + self.prefill_handles], timeout=c.ready_timeout_s)
+        if self.prefill_group is not None:
+            self.prefill_group.form()
         infos = ray.get([h.ready.remote() for h in verify], timeout=c.ready_timeout_s)
         self.info = infos[0]
         max_in_flight = self.worker_model.config.planner.max_num_seqs + c.max_queued
@@ -195,7 +214,11 @@ class RayBackend:
         from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         request = req.next_request()
-        prefix, draft_prefix = self._prefill(request.prompt_ids)
+        if self.prefill_group is not None and self.prefill_group.wants(request.prompt_ids) \
+                and not self.uses_draft_worker:  # the group prefills the target only
+            prefix, draft_prefix = await self.prefill_group.prefill(request.prompt_ids), None
+        else:
+            prefix, draft_prefix = self._prefill(request.prompt_ids)
         started = False
         try:
             stream = loop.handle.generate.options(num_returns="streaming").remote(request, prefix, draft_prefix)
@@ -361,6 +384,8 @@ class RayBackend:
             self.run_soon(_cancel_all_but_current()).result(timeout=5.0)
         except Exception:  # noqa: BLE001 - a task that does not end in time is dropped with the loop
             pass
+        if self.prefill_group is not None and ray.is_initialized():
+            self.prefill_group.teardown()
         if not self.config.keep_workers and ray.is_initialized():
             for handle in [loop.handle for loop in self.loops] + self.verify_handles + self.prefill_handles \
                     + self.draft_handles:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from specserve.cluster.placement import RoleSpec
 from specserve.cluster.ray_cluster import ClusterInfo, RayConnectConfig, connect, disconnect
 from specserve.workers.actor_messages import WorkerInfo
+from specserve.workers.sequence_parallel import SequenceParallelMode
 from specserve.workers.spec.methods import SpecMethod
 from specserve.workers.worker_model import WorkerModel
 
@@ -36,6 +37,8 @@ def ray_serve_options(args) -> RayServeOptions | None:
         name=args.deployment_name, verify=role("verify", verify_replicas),
         prefill=role("prefill", args.prefill_replicas), draft=role("draft", args.draft_replicas),
         prefill_threshold=args.prefill_threshold, max_queued=args.max_queued, keep_workers=args.keep_workers,
+        prefill_group_size=args.prefill_group_size, sequence_parallel=SequenceParallelMode(args.sequence_parallel),
+        long_prompt_threshold=args.long_prompt_threshold,
     )
     return RayServeOptions(args.address, backend)
 
@@ -44,7 +47,8 @@ def embedded_cpus(config: RayBackendConfig, uses_draft: bool) -> int:
     """An embedded Ray gets the machine's cores, or the CPUs the roles ask for if that is more
     (Ray's CPUs are a scheduling count; torch threads are set by --threads)."""
     wanted = (config.verify.num_cpus * config.verify.replicas + config.prefill.num_cpus * config.prefill.replicas
-              + (config.draft.num_cpus * config.draft.replicas if uses_draft else 0))
+              + (config.draft.num_cpus * config.draft.replicas if uses_draft else 0)
+              + (config.prefill.num_cpus * config.prefill_group_size if config.prefill_group_size > 1 else 0))
     return max(os.cpu_count() or 1, math.ceil(wanted))
 
 
