@@ -48,8 +48,9 @@ def model():
     return ours_from_hf(tiny_hf("llama", initializer_range=0.3))
 
 
-def engine(model, url) -> LLMEngine:
-    shared = SharedPrefixCache(RedisBlockStore(url), FP, SHAPE, torch.float32, retry_s=0.2)
+def engine(model, url: str | RedisBlockStore) -> LLMEngine:
+    store = RedisBlockStore(url) if isinstance(url, str) else url
+    shared = SharedPrefixCache(store, FP, SHAPE, torch.float32, retry_s=0.2)
     return LLMEngine(model, tiny_tokenizer(), EngineConfig(block_size=4, kv_cache_bytes=1 << 20), eos_token_ids=(),
                      shared_cache=shared, model_fingerprint=FP)
 
@@ -82,14 +83,15 @@ def test_another_engine_reuses_real_kv_through_redis(model, redis_server):
 def test_eviction_under_a_small_maxmemory_keeps_the_cache_consistent(model, tmp_path):
     # Redis itself takes ~1 MB, so 2 MB leaves room for a few hundred of the tiny model's blocks.
     with own_redis(tmp_path, "--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru") as (_, url):
+        store = RedisBlockStore(url)  # one connection pool: every client's buffers count against maxmemory
         reference = LLMEngine(model, tiny_tokenizer(), EngineConfig(block_size=4, prefix_caching=False),
                               eos_token_ids=())
         prompts = [[i + 2] * 3 + [5 + t % 90 for t in range(190)] for i in range(12)]  # 12 x 48 blocks of ~2.2 KB: over 1 MB
         for p in prompts:
-            run(engine(model, url), p)
+            run(engine(model, store), p)
         hits = []
         for p in reversed(prompts):  # the newest first: LRU kept those
-            fresh = engine(model, url)
+            fresh = engine(model, store)
             seq = run(fresh, p)
             want = list(reference.generate(p, SamplingParams(max_new_tokens=10)))[-1].seq.output_ids
             assert seq.output_ids == want  # whatever survived eviction is a correct prefix
