@@ -131,7 +131,9 @@ def test_member_killed_mid_prefill_request_completes_and_group_reforms(ray_clust
         prompt = LONG[0]
         backend.loops[0].submit(prompt, SamplingParams(max_new_tokens=24, ignore_eos=True), uuid.uuid4().hex, out)
         poll(lambda: os.path.exists(gate.entered), "the group to be mid-prefill")
-        ray.kill(first[1], no_restart=True)
+        ray.kill(first[1], no_restart=True)  # asynchronous: released too early, rank 1 could finish the prefill
+        gone = first[1].ping.remote()  # queued behind the gated prefill: resolves (with an error) once rank 1 is dead
+        poll(lambda: bool(ray.wait([gone], timeout=0)[0]), "the killed member to be gone")
         open(gate.release, "w").close()  # rank 0 goes on, to find its peer gone
         last = out.wait()
         assert not isinstance(last, Exception), last
