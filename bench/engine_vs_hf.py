@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from specserve.scheduler.cli import engine_options
-from specserve.scheduler.generate_cmd import run_prompt
-from specserve.workers.loader import load_engine
-from specserve.workers.sequence import SamplingParams
+from specserve.scheduler.cli.main import engine_options
+from specserve.scheduler.cli.generate import run_prompt
+from specserve.workers.model.loader import load_engine
+from specserve.workers.engine.sequence import SamplingParams
 
-from .harness import first_difference, geomean, hf_model_like
-from .membw import decode_floor, measure_bandwidth
-from .prompt_sets import BenchPrompt, humaneval_prompts, sharegpt_prompts
+from specserve.bench.harness import first_difference, geomean, hf_model_like
+from specserve.bench.membw import decode_floor, measure_bandwidth
+from specserve.bench.prompt_sets import BenchPrompt, humaneval_prompts, sharegpt_prompts
 
 DEFAULT_THREADS = 2  # the machines have 2 cores
 WARMUP_TOKENS = 8

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from specserve.workers.engine import LLMEngine
-from specserve.workers.sequence import SamplingParams, Sequence
+from specserve.workers.engine.llm_engine import LLMEngine
+from specserve.workers.engine.sequence import SamplingParams, Sequence
 
 
 def geomean(xs: list[float]) -> float:

@@ -26,10 +26,10 @@ import torch
 from specserve.cluster.prefill_group import LocalPrefillGroup
 from specserve.kernels.ring_attention import ring_bytes_sent
 from specserve.kernels.ulysses_attention import ulysses_bytes_sent
-from specserve.workers.sequence_parallel import CheckpointModel, PrefillProgram, SequenceParallelMode
+from specserve.workers.model.sequence_parallel import CheckpointModel, PrefillProgram, SequenceParallelMode
 
-from .long_decode import run_long_decode
-from .long_prompts import long_prompt_ids
+from specserve.bench.long_decode import run_long_decode
+from specserve.bench.long_prompts import long_prompt_ids
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -130,7 +130,7 @@ def run_prefill_scaling(model: str, lengths: list[int], workers: list[int], laye
 
 
 def run_longctx_bench(args) -> None:
-    from specserve.workers.model_source import load_tokenizer, resolve_model
+    from specserve.workers.model.model_source import load_tokenizer, resolve_model
 
     lengths = [int(x) for x in args.lengths.split(",")]
     workers = [int(x) for x in args.prefill_workers_list.split(",")]

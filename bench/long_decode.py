@@ -11,15 +11,15 @@ import time
 
 import torch
 
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.forward_batch import SequenceSlots, build_forward_batch
-from specserve.workers.kv_cache import BlockTable, KVCacheConfig, PagedKVCache
-from specserve.workers.kv_prefix import PrefixKV
-from specserve.workers.sequence import SamplingParams
-from specserve.workers.sequence_parallel import CheckpointModel
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.engine.forward_batch import SequenceSlots, build_forward_batch
+from specserve.workers.engine.kv_cache import BlockTable, KVCacheConfig, PagedKVCache
+from specserve.workers.engine.kv_prefix import PrefixKV
+from specserve.workers.engine.sequence import SamplingParams
+from specserve.workers.model.sequence_parallel import CheckpointModel
 from specserve.workers.spec.methods import SpecConfig
 
-from .long_prompts import long_prompt_ids
+from specserve.bench.long_prompts import long_prompt_ids
 
 CONTEXTS = (1024, 4096, 8192, 16384)
 NEW_SLOTS = (1, 8, 16, 32, 64)
@@ -63,7 +63,7 @@ def verify_latency(model, contexts=CONTEXTS, new_slots=NEW_SLOTS, rounds: int = 
 def spec_gain_at_8k(model_name: str, tokenizer, threads: int, seed: int, new_tokens: int) -> dict:
     """Decode tokens/s with ngram speculation vs without, on one real 8000-token prompt whose K/V
     is computed once and handed to both engines (decode time only: first token excluded)."""
-    from specserve.workers.loader import load_engine
+    from specserve.workers.model.loader import load_engine
 
     base = load_engine(model_name, threads=threads, progress=False).engine
     ids = long_prompt_ids(tokenizer, REAL_PROMPT_TOKENS, seed)

@@ -4,7 +4,7 @@ conversations, chosen with a seed and concatenated (BENCH.md, "Long context").""
 import random
 from pathlib import Path
 
-from .prompt_sets import SHAREGPT_FILE, iter_json_list, package_file
+from specserve.bench.prompt_sets import SHAREGPT_FILE, iter_json_list, package_file
 
 POOL = 2000  # conversations read from the start of the file to choose from
 

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from specserve.cluster.redis_store import RedisBlockStore
-from specserve.scheduler.cache_cmd import clear
-from specserve.workers.engine import LLMEngine
-from specserve.workers.loader import load_engine
-from specserve.workers.sequence import SamplingParams
+from specserve.cluster.prefix_cache.redis_store import RedisBlockStore
+from specserve.scheduler.cli.cache import clear
+from specserve.workers.engine.llm_engine import LLMEngine
+from specserve.workers.model.loader import load_engine
+from specserve.workers.engine.sequence import SamplingParams
 
-from .long_prompts import long_prompt_ids
+from specserve.bench.long_prompts import long_prompt_ids
 
 LENGTHS = (2048, 4096)
 
@@ -126,7 +126,7 @@ def run_prefix_bench(args, options: dict) -> dict:
 
 def redis_bytes(url: str, block_size: int) -> dict:
     """Bytes and tokens' worth of blocks stored (to turn cached tokens into bytes moved)."""
-    from specserve.cluster.prefix_cache import NAMESPACE
+    from specserve.cluster.prefix_cache.cache import NAMESPACE
 
     sizes = [n for _, n in RedisBlockStore(url, timeout_s=5).scan(NAMESPACE)]
     return {"bytes": sum(sizes), "tokens": block_size * len(sizes)}

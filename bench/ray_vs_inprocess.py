@@ -20,16 +20,16 @@ from pathlib import Path
 from specserve.cluster.placement import RoleSpec
 from specserve.cluster.ray_cluster import RayConnectConfig, connect, disconnect
 from specserve.scheduler.prompts import Prompt
-from specserve.scheduler.ray_backend import RayBackend, RayBackendConfig
-from specserve.workers.engine import EngineConfig
-from specserve.workers.engine_loop import EngineLoop
-from specserve.workers.loader import load_engine
-from specserve.workers.sequence import SamplingParams
+from specserve.scheduler.ray.backend import RayBackend, RayBackendConfig
+from specserve.workers.engine.llm_engine import EngineConfig
+from specserve.workers.engine.engine_loop import EngineLoop
+from specserve.workers.model.loader import load_engine
+from specserve.workers.engine.sequence import SamplingParams
 from specserve.workers.spec.methods import SpecConfig
-from specserve.workers.worker_model import WorkerModel
+from specserve.workers.actors.worker_model import WorkerModel
 
-from .harness import first_difference, geomean
-from .prompt_sets import humaneval_prompts, sharegpt_prompts
+from specserve.bench.harness import first_difference, geomean
+from specserve.bench.prompt_sets import humaneval_prompts, sharegpt_prompts
 
 TIMEOUT_S = 600.0
 

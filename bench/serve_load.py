@@ -14,7 +14,7 @@ from pathlib import Path
 
 from specserve.scheduler.client import Client
 
-from .prompt_sets import sharegpt_prompts
+from specserve.bench.prompt_sets import sharegpt_prompts
 
 MODES = ("off", "on")  # speculation per request: "none" vs the server's default
 
@@ -119,9 +119,9 @@ def run_serve_bench(args) -> dict:
 
 
 def _start_server(args):
-    from specserve.scheduler.cli import engine_options
-    from specserve.scheduler.server import ServerConfig, ServerThread
-    from specserve.workers.loader import load_engine
+    from specserve.scheduler.cli.main import engine_options
+    from specserve.scheduler.server.grpc_server import ServerConfig, ServerThread
+    from specserve.workers.model.loader import load_engine
     from specserve.workers.spec.methods import SpecConfig, default_method
 
     options = engine_options(args)  # the model arguments; speculation as `specserve serve` defaults it

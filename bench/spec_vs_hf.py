@@ -15,12 +15,12 @@ import torch
 from tqdm import tqdm
 
 from specserve.scheduler.prompts import Prompt
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.loader import load_engine
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.model.loader import load_engine
 from specserve.workers.spec.methods import SpecConfig
 
-from .harness import first_difference, geomean, hf_model_like, run_hf, run_ours
-from .prompt_sets import humaneval_prompts, sharegpt_prompts
+from specserve.bench.harness import first_difference, geomean, hf_model_like, run_hf, run_ours
+from specserve.bench.prompt_sets import humaneval_prompts, sharegpt_prompts
 
 HF_GREEDY, HF_LOOKUP, OURS_NONE = "hf-generate", "hf-prompt-lookup", "none"
 

@@ -2,7 +2,7 @@
 
 For `specserve generate --prefill-workers N` and for tests: the processes are spawned here
 (torch.multiprocessing, spawn start method), rank 0's address is a free port on 127.0.0.1. What
-each rank runs is a `RankProgram` passed in (workers/sequence_parallel.py has the model's), so
+each rank runs is a `RankProgram` passed in (workers/model/sequence_parallel.py has the model's), so
 this file knows processes and groups, not models.
 
 Failure: a member that dies (killed, out of memory) or a program that raises fails the request
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch.multiprocessing as mp
 
-from .process_group import DEFAULT_TIMEOUT_S, Rendezvous, join_group
+from specserve.cluster.process_group import DEFAULT_TIMEOUT_S, Rendezvous, join_group
 
 POLL_S = 0.05  # how often the parent checks member liveness while it waits
 DEATH_WAIT_S = 2.0  # after a rank reports an error: how long to look for a dead peer that caused it

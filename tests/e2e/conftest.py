@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from specserve.workers.loader import load_engine
+from specserve.workers.model.loader import load_engine
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-SPECSERVE = [sys.executable, "-m", "specserve.scheduler.cli"]
+SPECSERVE = [sys.executable, "-m", "specserve.scheduler.cli.main"]
 
 
 def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from specserve.workers import model_source
-from specserve.workers.model_source import load_config, load_state_dict, load_tokenizer, resolve_model
+from specserve.workers.model import model_source
+from specserve.workers.model.model_source import load_config, load_state_dict, load_tokenizer, resolve_model
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +68,7 @@ def test_second_resolve_is_a_cache_hit(source, cache_dir, monkeypatch):
 
 def test_fingerprint_is_the_files_sha256_in_any_process(source, cache_dir, gguf_path):
     assert source.fingerprint == hashlib.sha256(gguf_path.read_bytes()).hexdigest()
-    code = (f"from pathlib import Path; from specserve.workers.model_source import resolve_model; "
+    code = (f"from pathlib import Path; from specserve.workers.model.model_source import resolve_model; "
             f"print(resolve_model({NAME!r}, cache_dir=Path({str(cache_dir)!r})).fingerprint)")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == source.fingerprint

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specserve.workers.sequence import SamplingParams
+from specserve.workers.engine.sequence import SamplingParams
 
 NEW_TOKENS = 64
 

@@ -8,9 +8,9 @@ import torch
 
 from specserve.bench.long_prompts import long_prompt_ids
 from specserve.cluster.prefill_group import LocalPrefillGroup
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.sequence import SamplingParams
-from specserve.workers.sequence_parallel import CheckpointModel, PrefillProgram, SequenceParallelMode
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.engine.sequence import SamplingParams
+from specserve.workers.model.sequence_parallel import CheckpointModel, PrefillProgram, SequenceParallelMode
 
 PROMPT_TOKENS = 8000  # + NEW_TOKENS within SmolLM2's 8192 positions
 NEW_TOKENS = 16

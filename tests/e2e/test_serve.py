@@ -11,9 +11,9 @@ import time
 import pytest
 
 from specserve.scheduler.client import Client
-from specserve.workers.sequence import SamplingParams
+from specserve.workers.engine.sequence import SamplingParams
 
-SPECSERVE = [sys.executable, "-m", "specserve.scheduler.cli"]
+SPECSERVE = [sys.executable, "-m", "specserve.scheduler.cli.main"]
 READY_S = 300
 
 

@@ -3,9 +3,9 @@ speculation off, on real HumanEval prompts, one at a time and verified together 
 
 import pytest
 
-from specserve.workers.engine import EngineConfig, LLMEngine
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
 from specserve.workers.spec.methods import SpecConfig
-from specserve.workers.sequence import SamplingParams
+from specserve.workers.engine.sequence import SamplingParams
 
 NEW_TOKENS = 64
 NUM_PROMPTS = 10

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from specserve.cluster.placement import Role
-from specserve.workers.sequence import SamplingParams
+from specserve.workers.engine.sequence import SamplingParams
 
 POLL_S = 120.0
 ROLE_UNITS = 4  # actors of a role a role node can host at once (tests start several backends)

@@ -30,7 +30,7 @@ import pytest
 
 from specserve.scheduler.client import Client
 
-from unit.tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
 
 pytestmark = pytest.mark.integration
 

@@ -11,15 +11,15 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from specserve.scheduler.client import Client, build_request
-from specserve.scheduler.server import ServerConfig, ServerThread
+from specserve.scheduler.server.grpc_server import ServerConfig, ServerThread
 from specserve.v1 import generation_pb2 as pb
-from specserve.workers.engine import EngineConfig
-from specserve.workers.loader import load_engine
-from specserve.workers.sequence import SamplingParams
+from specserve.workers.engine.llm_engine import EngineConfig
+from specserve.workers.model.loader import load_engine
+from specserve.workers.engine.sequence import SamplingParams
 from specserve.workers.spec.methods import SpecConfig
-from specserve.workers.step_planner import PlannerConfig
+from specserve.workers.engine.step_planner import PlannerConfig
 
-from unit.tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
 
 PROMPTS = [" ".join(f"w{(7 * i + j * j) % 90 + 2}" for j in range(5 + i)) for i in range(10)]
 POLL_S = 10.0

@@ -15,18 +15,18 @@ import ray
 from specserve.cluster.placement import Role, RoleSpec
 from specserve.cluster.ray_cluster import NAMESPACE, connect
 from specserve.scheduler.client import Client
-from specserve.scheduler.ray_backend import RayBackend, RayBackendConfig
-from specserve.scheduler.ray_serve import served_model_from
-from specserve.scheduler.server import ServerConfig, ServerThread
-from specserve.workers.engine import EngineConfig
+from specserve.scheduler.ray.backend import RayBackend, RayBackendConfig
+from specserve.scheduler.ray.start import served_model_from
+from specserve.scheduler.server.grpc_server import ServerConfig, ServerThread
+from specserve.workers.engine.llm_engine import EngineConfig
 from specserve.scheduler.prompts import Prompt
-from specserve.workers.loader import load_engine
-from specserve.workers.model_source import load_tokenizer, resolve_model
-from specserve.workers.sequence import FinishReason, SamplingParams
+from specserve.workers.model.loader import load_engine
+from specserve.workers.model.model_source import load_tokenizer, resolve_model
+from specserve.workers.engine.sequence import FinishReason, SamplingParams
 from specserve.workers.spec.methods import SpecConfig
-from specserve.workers.worker_model import WorkerModel
+from specserve.workers.actors.worker_model import WorkerModel
 
-from unit.tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
 
 from .ray_cluster_fixture import Collector, poll, run
 
@@ -234,7 +234,7 @@ def test_specserve_serve_joins_the_cluster(ray_cluster, tiny_folder, reference, 
     ready, identical output over gRPC, and SIGTERM ends the server and its actors."""
     name = f"srv{uuid.uuid4().hex[:6]}"
     log = tmp_path / "serve.log"
-    args = [sys.executable, "-m", "specserve.scheduler.cli", "serve", "--address", ray_cluster.address,
+    args = [sys.executable, "-m", "specserve.scheduler.cli.main", "serve", "--address", ray_cluster.address,
             "--model", tiny_folder, "--port", "0", "--no-metrics", "--threads", "1", "--kv-cache-gb", "0.01",
             "--block-size", "4", "--spec", "recycling", "--spec-tokens", "8", "--deployment-name", name,
             "--verify-cpus", "0.1", "--prefill-cpus", "0.1", "--prefill-threshold", str(THRESHOLD)]

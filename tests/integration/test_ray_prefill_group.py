@@ -15,15 +15,15 @@ import torch
 
 from specserve.cluster.placement import RoleSpec
 from specserve.cluster.ray_cluster import connect
-from specserve.scheduler.ray_backend import RayBackend, RayBackendConfig
-from specserve.workers.engine import EngineConfig
-from specserve.workers.loader import load_engine
-from specserve.workers.sequence import SamplingParams
-from specserve.workers.sequence_parallel import SequenceParallelMode
+from specserve.scheduler.ray.backend import RayBackend, RayBackendConfig
+from specserve.workers.engine.llm_engine import EngineConfig
+from specserve.workers.model.loader import load_engine
+from specserve.workers.engine.sequence import SamplingParams
+from specserve.workers.model.sequence_parallel import SequenceParallelMode
 from specserve.workers.spec.methods import SpecConfig
-from specserve.workers.worker_model import WorkerModel, load_weights
+from specserve.workers.actors.worker_model import WorkerModel, load_weights
 
-from unit.tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
 
 from .ray_cluster_fixture import Collector, poll, run
 
@@ -151,8 +151,8 @@ def test_member_killed_mid_prefill_request_completes_and_group_reforms(ray_clust
 
 
 def test_serve_flags_reach_the_backend_config():
-    from specserve.scheduler.cli import build_parser
-    from specserve.scheduler.ray_serve import ray_serve_options
+    from specserve.scheduler.cli.main import build_parser
+    from specserve.scheduler.ray.start import ray_serve_options
 
     parser = build_parser()
     default = ray_serve_options(parser.parse_args(["serve", "--model", "m"])).backend

@@ -10,11 +10,11 @@ import ray
 
 from specserve.cluster.placement import RoleSpec
 from specserve.cluster.ray_cluster import connect
-from specserve.scheduler.ray_backend import RayBackend, RayBackendConfig
-from specserve.workers.engine import EngineConfig
-from specserve.workers.loader import load_engine
+from specserve.scheduler.ray.backend import RayBackend, RayBackendConfig
+from specserve.workers.engine.llm_engine import EngineConfig
+from specserve.workers.model.loader import load_engine
 from specserve.workers.spec.methods import SpecConfig
-from specserve.workers.worker_model import WorkerModel
+from specserve.workers.actors.worker_model import WorkerModel
 
 from .ray_cluster_fixture import run
 
@@ -42,7 +42,7 @@ def in_process():
 
 
 def greedy(engine, ids):
-    from specserve.workers.sequence import SamplingParams
+    from specserve.workers.engine.sequence import SamplingParams
 
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=N, ignore_eos=True))
     while engine.has_unfinished():

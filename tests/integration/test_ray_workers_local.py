@@ -6,18 +6,18 @@ import pytest
 import torch
 
 from specserve.cluster.placement import Role, RoleSpec, actor_options
-from specserve.scheduler.cli import build_parser
-from specserve.scheduler.ray_serve import ray_serve_options
-from specserve.workers.actor_messages import DraftedTrees
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.kv_prefix import PrefixKV
-from specserve.workers.prefill_worker import LocalPrefillRunner, PrefillWorker
-from specserve.workers.remote_drafter import RemoteDrafter
-from specserve.workers.sequence import SamplingParams, Sequence
+from specserve.scheduler.cli.main import build_parser
+from specserve.scheduler.ray.start import ray_serve_options
+from specserve.workers.actors.messages import DraftedTrees
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.engine.kv_prefix import PrefixKV
+from specserve.workers.actors.prefill import LocalPrefillRunner, PrefillWorker
+from specserve.workers.actors.remote_drafter import RemoteDrafter
+from specserve.workers.engine.sequence import SamplingParams, Sequence
 from specserve.workers.spec.draft_tree import DraftTree
-from specserve.workers.worker_model import WorkerModel
+from specserve.workers.actors.worker_model import WorkerModel
 
-from unit.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 
 NODE = "ab" * 28  # a node id: 28 bytes in hex
 

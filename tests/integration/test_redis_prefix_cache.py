@@ -11,18 +11,18 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from specserve.cluster.block_store import StoreUnavailableError
-from specserve.cluster.prefix_cache import NAMESPACE, SharedPrefixCache
-from specserve.cluster.redis_store import RedisBlockStore
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.sequence import SamplingParams
+from specserve.cluster.prefix_cache.block_store import StoreUnavailableError
+from specserve.cluster.prefix_cache.cache import NAMESPACE, SharedPrefixCache
+from specserve.cluster.prefix_cache.redis_store import RedisBlockStore
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.engine.sequence import SamplingParams
 
-from unit.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 from .conftest import READY_TIMEOUT_S, _free_port, _redis_answers_ping
 
 FP = "ab" * 32
 SHAPE = (2, 4, 2, 16)  # the tiny model's layers, block size, kv heads, head dim
-SPECSERVE = [sys.executable, "-m", "specserve.scheduler.cli"]
+SPECSERVE = [sys.executable, "-m", "specserve.scheduler.cli.main"]
 
 
 @contextmanager

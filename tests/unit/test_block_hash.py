@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from specserve.cluster.block_hash import BlockHash, block_hash, prefix_block_hashes
+from specserve.cluster.prefix_cache.block_hash import BlockHash, block_hash, prefix_block_hashes
 
 TOKENS = list(range(100, 140))
 
@@ -35,7 +35,7 @@ def test_extra_keys_are_length_prefixed():
 
 
 def test_same_key_in_another_process():
-    code = ("from specserve.cluster.block_hash import prefix_block_hashes as p;"
+    code = ("from specserve.cluster.prefix_cache.block_hash import prefix_block_hashes as p;"
             "print(p(list(range(100, 140)), 16, ('x',))[1].hex())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == prefix_block_hashes(TOKENS, 16, ("x",))[1].hex()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from specserve.scheduler.cli import build_parser, engine_options
+from specserve.scheduler.cli.main import build_parser, engine_options
 
 URL = "redis://127.0.0.1:6379/0"
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from specserve.workers.detokenizer import IncrementalDetokenizer
+from specserve.workers.engine.detokenizer import IncrementalDetokenizer
 
-from .tiny_models import tiny_tokenizer
+from tests.helpers.tiny_models import tiny_tokenizer
 
 PROMPT = [11, 12, 13]  # "w11 w12 w13"
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from specserve.workers.sequence import SamplingParams, Sequence
+from specserve.workers.engine.sequence import SamplingParams, Sequence
 from specserve.workers.spec.draft_tree import DraftTree
 from specserve.workers.spec.methods import SpecConfig, build_drafter, parse_method
 from specserve.workers.spec.ngram import NgramDrafter

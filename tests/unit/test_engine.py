@@ -4,11 +4,11 @@ batching and preemption, finish reasons, stop strings, abort, seeded sampling.""
 import pytest
 import torch
 
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.sequence import FinishReason, SamplingParams
-from specserve.workers.step_planner import PlannerConfig
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.engine.sequence import FinishReason, SamplingParams
+from specserve.workers.engine.step_planner import PlannerConfig
 
-from .tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 
 NEW_TOKENS = 12
 PROMPT_LENS = (5, 13, 22)  # different lengths, run concurrently

@@ -4,12 +4,12 @@ import queue
 
 import pytest
 
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.engine_loop import EngineLoop, LoopStoppedError, QueueFullError
-from specserve.workers.sequence import FinishReason, SamplingParams
-from specserve.workers.step_planner import PlannerConfig
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.engine.engine_loop import EngineLoop, LoopStoppedError, QueueFullError
+from specserve.workers.engine.sequence import FinishReason, SamplingParams
+from specserve.workers.engine.step_planner import PlannerConfig
 
-from .tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 
 WAIT_S = 30
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from specserve.cluster.prefill_group import MemberDiedError
-from specserve.scheduler import long_prefill
-from specserve.scheduler.cli import main
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.sequence_parallel import SequenceParallelMode
+from specserve.scheduler.cli import long_prefill
+from specserve.scheduler.cli.main import main
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.model.sequence_parallel import SequenceParallelMode
 
-from .tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)

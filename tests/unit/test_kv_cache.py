@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from specserve.workers.kv_cache import BlockAllocator, BlockTable, KVCacheConfig, OutOfBlocksError, PagedKVCache
+from specserve.workers.engine.kv_cache import BlockAllocator, BlockTable, KVCacheConfig, OutOfBlocksError, PagedKVCache
 
 
 def make_cache(num_blocks=8, block_size=4, num_layers=2, num_kv_heads=2, head_dim=3) -> PagedKVCache:

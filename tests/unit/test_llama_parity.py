@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from specserve.workers.forward_batch import SequenceSlots, build_forward_batch
-from specserve.workers.kv_cache import BlockTable, KVCacheConfig, PagedKVCache
+from specserve.workers.engine.forward_batch import SequenceSlots, build_forward_batch
+from specserve.workers.engine.kv_cache import BlockTable, KVCacheConfig, PagedKVCache
 
-from .tiny_models import ours_from_hf, tiny_hf
+from tests.helpers.tiny_models import ours_from_hf, tiny_hf
 
 # fp32 on CPU: the two forwards differ only in summation order (fused matmuls, SDPA).
 MAX_ABS_DIFF = 1e-4

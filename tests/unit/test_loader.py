@@ -2,13 +2,13 @@
 
 import pytest
 
-from specserve.workers.engine import EngineConfig
-from specserve.workers.loader import load_engine
-from specserve.workers.model_source import ModelError
-from specserve.workers.sequence import SamplingParams
+from specserve.workers.engine.llm_engine import EngineConfig
+from specserve.workers.model.loader import load_engine
+from specserve.workers.model.model_source import ModelError
+from specserve.workers.engine.sequence import SamplingParams
 from specserve.workers.spec.methods import SpecConfig
 
-from .tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
 
 
 def save(folder, seed: int, tokenizer_vocab: int = 97):

@@ -16,8 +16,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from specserve.workers import model_source
-from specserve.workers.model_source import (
+from specserve.workers.model import model_source
+from specserve.workers.model.model_source import (
     EMBEDDED_MODELS,
     SUPPORTED_ARCHITECTURES,
     ModelError,
@@ -114,7 +114,7 @@ def test_folder_resolves_to_itself_with_a_stable_fingerprint(llama_folder):
 
 
 def test_fingerprint_is_the_same_in_another_process(llama_folder):
-    code = f"from specserve.workers.model_source import resolve_model; print(resolve_model({str(llama_folder)!r}).fingerprint)"
+    code = f"from specserve.workers.model.model_source import resolve_model; print(resolve_model({str(llama_folder)!r}).fingerprint)"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == resolve_model(str(llama_folder)).fingerprint
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from specserve.cluster.prefill_group import LocalPrefillGroup, MemberDiedError
-from specserve.workers.kv_prefix import PrefixKV
-from specserve.workers.sequence_parallel import SequenceParallelMode
+from specserve.workers.engine.kv_prefix import PrefixKV
+from specserve.workers.model.sequence_parallel import SequenceParallelMode
 
-from .sp_programs import DyingPrefillProgram, InMemoryModel
+from tests.helpers.sp_programs import DyingPrefillProgram, InMemoryModel
 from .test_sequence_parallel_model import single_process_kv
 
 FACTORY = InMemoryModel.tiny(seed=3)

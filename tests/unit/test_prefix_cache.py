@@ -2,12 +2,12 @@
 
 import pytest
 
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.kv_cache import BlockAllocator
-from specserve.workers.sequence import SamplingParams
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.engine.kv_cache import BlockAllocator
+from specserve.workers.engine.sequence import SamplingParams
 from specserve.workers.spec.methods import SpecConfig
 
-from .tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 
 SYSTEM = [5, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67]  # 4 full blocks of 4
 

@@ -10,7 +10,7 @@ from specserve.kernels.ring_attention import attend_block
 from specserve.kernels.attention_merge import AttentionState
 from specserve.kernels.sequence_shards import zigzag_layout, contiguous_layout
 
-from .sp_programs import AttentionCase, AttentionProgram
+from tests.helpers.sp_programs import AttentionCase, AttentionProgram
 
 # fp32 throughout; the ring merges W partial softmaxes computed by a tiled kernel where the
 # reference does one softmax: they differ by summation order only (observed <= 2e-6).

@@ -2,7 +2,7 @@
 
 import pytest
 
-from specserve.scheduler.router import Router
+from specserve.scheduler.server.router import Router
 
 A = list(range(100, 140))  # 40 tokens: 2 full blocks of 16
 B = list(range(500, 540))

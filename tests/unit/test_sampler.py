@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from specserve.workers.sampler import sample_tokens, target_probs
-from specserve.workers.sequence import SamplingParams, Sequence
+from specserve.workers.engine.sampler import sample_tokens, target_probs
+from specserve.workers.engine.sequence import SamplingParams, Sequence
 
 # Empirical frequencies of N seeded draws vs. the target distribution: the largest standard
 # error is sqrt(0.25 / 20000) ~= 0.0035, so 0.015 is over 4 standard errors.

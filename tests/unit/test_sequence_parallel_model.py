@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from specserve.cluster.prefill_group import LocalPrefillGroup
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.forward_batch import SequenceSlots, build_forward_batch
-from specserve.workers.kv_cache import BlockTable, KVCacheConfig, PagedKVCache
-from specserve.workers.sequence import SamplingParams
-from specserve.workers.sequence_parallel import SequenceParallelMode
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.engine.forward_batch import SequenceSlots, build_forward_batch
+from specserve.workers.engine.kv_cache import BlockTable, KVCacheConfig, PagedKVCache
+from specserve.workers.engine.sequence import SamplingParams
+from specserve.workers.model.sequence_parallel import SequenceParallelMode
 
-from .sp_programs import BothModesProgram, InMemoryModel
-from .tiny_models import tiny_tokenizer
+from tests.helpers.sp_programs import BothModesProgram, InMemoryModel
+from tests.helpers.tiny_models import tiny_tokenizer
 
 # 12 query heads over 6 K/V heads (GQA): Ulysses splits them over 2 or 3 ranks.
 FACTORY = InMemoryModel.tiny(seed=0, hidden_size=96, num_attention_heads=12, num_key_value_heads=6,

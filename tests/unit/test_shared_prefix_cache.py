@@ -7,15 +7,15 @@ import time
 import pytest
 import torch
 
-from specserve.cluster.block_codec import BlockKV, CorruptBlockError, decode_block, encode_block
-from specserve.cluster.block_store import MemoryBlockStore
-from specserve.cluster.prefix_cache import SharedPrefixCache
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.engine_loop import EngineLoop
-from specserve.workers.sequence import SamplingParams
+from specserve.cluster.prefix_cache.block_codec import BlockKV, CorruptBlockError, decode_block, encode_block
+from specserve.cluster.prefix_cache.block_store import MemoryBlockStore
+from specserve.cluster.prefix_cache.cache import SharedPrefixCache
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.engine.engine_loop import EngineLoop
+from specserve.workers.engine.sequence import SamplingParams
 from specserve.workers.spec.methods import SpecConfig
 
-from .tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 
 FP = "ab" * 32  # a model fingerprint
 SHAPE = (2, 4, 2, 16)  # layers, block_size, kv heads, head dim of the tiny model

@@ -2,11 +2,11 @@
 
 import pytest
 
-from specserve.workers.engine import EngineConfig, LLMEngine
-from specserve.workers.sequence import FinishReason, SamplingParams
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
+from specserve.workers.engine.sequence import FinishReason, SamplingParams
 from specserve.workers.spec.methods import SpecConfig
 
-from .tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 
 PROMPTS = [[5, 7, 9, 11, 3, 5, 7, 9, 11, 3, 5, 7], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [40, 41, 42], [8] * 9]
 

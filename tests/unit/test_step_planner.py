@@ -2,9 +2,9 @@
 
 import pytest
 
-from specserve.workers.kv_cache import KVCacheConfig, PagedKVCache
-from specserve.workers.sequence import SamplingParams, Sequence, SequenceStatus
-from specserve.workers.step_planner import PlannedSequence, PlannerConfig, StepPlanner
+from specserve.workers.engine.kv_cache import KVCacheConfig, PagedKVCache
+from specserve.workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from specserve.workers.engine.step_planner import PlannedSequence, PlannerConfig, StepPlanner
 
 
 def make_planner(num_blocks=64, block_size=4, **planner_kw) -> StepPlanner:

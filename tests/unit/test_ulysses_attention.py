@@ -7,7 +7,7 @@ import torch
 from specserve.cluster.prefill_group import LocalPrefillGroup
 from specserve.kernels.ulysses_attention import kv_heads_for_ranks
 
-from .sp_programs import AttentionCase, AttentionProgram
+from tests.helpers.sp_programs import AttentionCase, AttentionProgram
 from .test_ring_attention import reference
 
 # fp32; one full-sequence tiled softmax per head vs the reference's single softmax: summation

@@ -2,7 +2,7 @@
 
 import torch
 
-from specserve.workers.kv_cache import BlockTable, KVCacheConfig, PagedKVCache
+from specserve.workers.engine.kv_cache import BlockTable, KVCacheConfig, PagedKVCache
 from specserve.workers.spec.draft_tree import DraftTree
 from specserve.workers.spec.verify import verify_greedy, verify_sampling
 

@@ -2,15 +2,15 @@
 drafter to prefill the whole prompt (or, worse, to draft without it).
 
 The `model` drafter keeps its own paged KV; its prompt blocks get keys over the *draft* model's
-fingerprint (cluster/block_hash.py), stay findable in the drafter's pool after a request ends
+fingerprint (cluster/prefix_cache/block_hash.py), stay findable in the drafter's pool after a request ends
 (L1) and go to the shared cache (L2) under that fingerprint, beside the target's blocks.
 """
 
-from specserve.cluster.block_hash import prefix_block_hashes
-from specserve.cluster.prefix_cache import SharedPrefixCache
+from specserve.cluster.prefix_cache.block_hash import prefix_block_hashes
+from specserve.cluster.prefix_cache.cache import SharedPrefixCache
 
-from ..kv_cache import BlockTable, PagedKVCache
-from ..sequence import Sequence
+from specserve.workers.engine.kv_cache import BlockTable, PagedKVCache
+from specserve.workers.engine.sequence import Sequence
 
 
 class DraftPrefixCache:

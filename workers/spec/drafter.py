@@ -4,9 +4,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..sequence import Sequence
-from .draft_tree import DraftTree, merge_trees
-from .verify import Acceptance
+from specserve.workers.engine.sequence import Sequence
+from specserve.workers.spec.draft_tree import DraftTree, merge_trees
+from specserve.workers.spec.verify import Acceptance
 
 
 class Drafter(ABC):

@@ -5,10 +5,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..forward_batch import SequenceSlots, build_forward_batch
-from ..kv_cache import BlockTable, PagedKVCache
-from ..llama import LlamaModel
-from .tree_size import LatencyCurve, default_slot_counts
+from specserve.workers.engine.forward_batch import SequenceSlots, build_forward_batch
+from specserve.workers.engine.kv_cache import BlockTable, PagedKVCache
+from specserve.workers.model.llama import LlamaModel
+from specserve.workers.spec.tree_size import LatencyCurve, default_slot_counts
 
 
 def measure_latency_curve(

@@ -3,9 +3,9 @@
 import enum
 from dataclasses import dataclass
 
-from .drafter import CombinedDrafter, Drafter
-from .ngram import NgramDrafter
-from .recycling import DEFAULT_TEMPLATE, RecyclingDrafter, find_template
+from specserve.workers.spec.drafter import CombinedDrafter, Drafter
+from specserve.workers.spec.ngram import NgramDrafter
+from specserve.workers.spec.recycling import DEFAULT_TEMPLATE, RecyclingDrafter, find_template
 
 
 class SpecMethod(enum.Enum):

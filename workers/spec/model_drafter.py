@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..forward_batch import SequenceSlots, build_forward_batch
-from ..kv_cache import BlockTable, OutOfBlocksError, PagedKVCache
-from ..llama import LlamaModel
-from ..sampler import target_probs
-from ..sequence import Sequence
-from .draft_prefix import DraftPrefixCache
-from .draft_tree import DraftTree
-from .drafter import Drafter
+from specserve.workers.engine.forward_batch import SequenceSlots, build_forward_batch
+from specserve.workers.engine.kv_cache import BlockTable, OutOfBlocksError, PagedKVCache
+from specserve.workers.model.llama import LlamaModel
+from specserve.workers.engine.sampler import target_probs
+from specserve.workers.engine.sequence import Sequence
+from specserve.workers.spec.draft_prefix import DraftPrefixCache
+from specserve.workers.spec.draft_tree import DraftTree
+from specserve.workers.spec.drafter import Drafter
 
 
 @dataclass

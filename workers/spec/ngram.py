@@ -6,9 +6,9 @@ each distinct continuation becomes a branch of the draft tree.
 
 import numpy as np
 
-from ..sequence import Sequence
-from .draft_tree import DraftTree, merge_trees
-from .drafter import Drafter
+from specserve.workers.engine.sequence import Sequence
+from specserve.workers.spec.draft_tree import DraftTree, merge_trees
+from specserve.workers.spec.drafter import Drafter
 
 
 class NgramDrafter(Drafter):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..sequence import Sequence
-from .draft_tree import DraftTree
-from .drafter import Drafter
-from .tree_template import TemplateError, TreeTemplate, load_template
-from .verify import Acceptance
+from specserve.workers.engine.sequence import Sequence
+from specserve.workers.spec.draft_tree import DraftTree
+from specserve.workers.spec.drafter import Drafter
+from specserve.workers.spec.tree_template import TemplateError, TreeTemplate, load_template
+from specserve.workers.spec.verify import Acceptance
 
 TOP_K = 8
 

@@ -4,15 +4,15 @@ import torch
 
 from specserve.kernels.tree import tree_attention_mask
 
-from ..forward_batch import SequenceSlots
-from ..kv_cache import PagedKVCache
-from ..sampler import target_probs
-from ..sequence import Sequence
-from .draft_tree import DraftTree
-from .drafter import Drafter
-from .spec_gate import SpecGate
-from .tree_size import AcceptanceStats, LatencyCurve, choose_trees
-from .verify import Acceptance, verify_greedy, verify_sampling
+from specserve.workers.engine.forward_batch import SequenceSlots
+from specserve.workers.engine.kv_cache import PagedKVCache
+from specserve.workers.engine.sampler import target_probs
+from specserve.workers.engine.sequence import Sequence
+from specserve.workers.spec.draft_tree import DraftTree
+from specserve.workers.spec.drafter import Drafter
+from specserve.workers.spec.spec_gate import SpecGate
+from specserve.workers.spec.tree_size import AcceptanceStats, LatencyCurve, choose_trees
+from specserve.workers.spec.verify import Acceptance, verify_greedy, verify_sampling
 
 
 class Speculator:

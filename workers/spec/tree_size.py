@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .draft_tree import DraftTree
+from specserve.workers.spec.draft_tree import DraftTree
 
 MAX_DEPTH, MAX_RANK = 16, 16
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .draft_tree import DraftTree
+from specserve.workers.spec.draft_tree import DraftTree
 
 
 @dataclass(frozen=True)

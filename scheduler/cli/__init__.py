@@ -1,0 +1,1 @@
+"""The `specserve` command: parser, flags and the generate / serve / cache / bench subcommands."""

@@ -1,0 +1,78 @@
+"""`specserve serve` over Ray: connect (embedded or join), start the workers, describe the model."""
+
+import math
+import os
+from dataclasses import dataclass
+
+from specserve.cluster.placement import RoleSpec
+from specserve.cluster.ray_cluster import ClusterInfo, RayConnectConfig, connect, disconnect
+from specserve.workers.actors.messages import WorkerInfo
+from specserve.workers.model.sequence_parallel import SequenceParallelMode
+from specserve.workers.spec.methods import SpecMethod
+from specserve.workers.actors.worker_model import WorkerModel
+
+from specserve.scheduler.ray.backend import RayBackend, RayBackendConfig
+from specserve.scheduler.server.validation import ServedModel
+
+
+@dataclass(frozen=True)
+class RayServeOptions:
+    address: str | None  # None: embedded local Ray; "auto" or host:port: join
+    backend: RayBackendConfig
+
+
+def ray_serve_options(args) -> RayServeOptions | None:
+    """From `specserve serve` arguments; None with --no-ray (the engine runs in this process)."""
+    if args.no_ray:
+        if args.address is not None:
+            raise ValueError("--address and --no-ray exclude each other")
+        return None
+
+    def role(prefix: str, replicas: int) -> RoleSpec:
+        return RoleSpec(replicas=replicas, num_cpus=getattr(args, f"{prefix}_cpus"),
+                        num_gpus=getattr(args, f"{prefix}_gpus"))
+
+    verify_replicas = args.verify_replicas if args.verify_replicas is not None else args.replicas
+    backend = RayBackendConfig(
+        name=args.deployment_name, verify=role("verify", verify_replicas),
+        prefill=role("prefill", args.prefill_replicas), draft=role("draft", args.draft_replicas),
+        prefill_threshold=args.prefill_threshold, max_queued=args.max_queued, keep_workers=args.keep_workers,
+        prefill_group_size=args.prefill_group_size, sequence_parallel=SequenceParallelMode(args.sequence_parallel),
+        long_prompt_threshold=args.long_prompt_threshold,
+    )
+    return RayServeOptions(args.address, backend)
+
+
+def embedded_cpus(config: RayBackendConfig, uses_draft: bool) -> int:
+    """An embedded Ray gets the machine's cores, or the CPUs the roles ask for if that is more
+    (Ray's CPUs are a scheduling count; torch threads are set by --threads)."""
+    wanted = (config.verify.num_cpus * config.verify.replicas + config.prefill.num_cpus * config.prefill.replicas
+              + (config.draft.num_cpus * config.draft.replicas if uses_draft else 0)
+              + (config.prefill.num_cpus * config.prefill_group_size if config.prefill_group_size > 1 else 0))
+    return max(os.cpu_count() or 1, math.ceil(wanted))
+
+
+def start_backend(options: RayServeOptions, model: str, engine_options: dict) -> RayBackend:
+    """Connects to Ray and starts (or finds again) every worker; blocks until they are ready."""
+    worker_model = WorkerModel(model, {k: v for k, v in engine_options.items() if k != "progress"})
+    cpus = embedded_cpus(options.backend, worker_model.uses_model_drafter) if options.address is None else None
+    cluster: ClusterInfo = connect(RayConnectConfig(address=options.address, num_cpus=cpus))
+    backend = RayBackend(options.backend, worker_model, cluster)
+    try:
+        backend.start()
+    except BaseException:
+        backend.shutdown()
+        disconnect()
+        raise
+    return backend
+
+
+def stop_backend(backend: RayBackend) -> None:
+    backend.shutdown()
+    disconnect()
+
+
+def served_model_from(info: WorkerInfo, name: str) -> ServedModel:
+    return ServedModel(name=name, tokenizer=info.tokenizer, context_length=info.context_length,
+                       vocab_size=info.vocab_size, spec_method=info.spec_method,
+                       known_spec_methods=tuple(m.value for m in SpecMethod), max_draft_tokens=info.max_draft_tokens)

@@ -1,0 +1,1 @@
+"""The gRPC front door: server lifecycle, servicer, request validation, auth, metrics, routing."""

@@ -1,0 +1,42 @@
+"""Token choice from logits: greedy, or temperature / top-k / top-p sampling with a per-request seed."""
+
+import torch
+
+from specserve.workers.engine.sequence import SamplingParams
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: logits [..., V] -> probs [..., V].
+
+    Temperature scales the logits, then top-k keeps the k largest, then top-p keeps the
+    smallest set of most likely tokens whose mass reaches top_p (at least one token).
+    Speculative verification draws from exactly this distribution.
+    """
+    if params.greedy:
+        raise ValueError("greedy requests have no sampling distribution")
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly likelier tokens
+        drop = mass_before >= params.top_p  # the first token always stays
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample_tokens(
+    logits: torch.Tensor,  # [N, V] one row per sequence
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """One token per row: argmax for greedy rows, a seeded draw from target_probs otherwise."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            tokens[row] = int(torch.multinomial(target_probs(logits[row], p), 1, generator=gen))
+    return tokens

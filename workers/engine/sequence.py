@@ -1,0 +1,103 @@
+"""A request inside the engine: its tokens, sampling parameters, blocks and state."""
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specserve.workers.engine.kv_cache import BlockTable
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_new_tokens reached, or the model's context is full
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # 0 = no limit
+    seed: int | None = None  # same seed, same prompt -> same sampled tokens
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    ignore_eos: bool = False
+    max_draft_tokens: int | None = None  # this request's cap on draft tokens per step; None = the engine's, 0 = off
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        if self.max_draft_tokens is not None and self.max_draft_tokens < 0:
+            raise ValueError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    output_ids: list[int] = field(default_factory=list)
+    table: BlockTable = field(default_factory=BlockTable)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
+    decode_steps: int = 0  # forwards that produced tokens for this sequence
+    spec_steps: int = 0  # of those, verify steps over a draft tree
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    generator: torch.Generator | None = None  # seeded per request when sampling
+    cache_salt: str = ""  # requests with different salts never share cached prefix blocks
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise ValueError("prompt must have at least one token")
+        if not self.params.greedy:
+            self.generator = torch.Generator()
+            if self.params.seed is not None:
+                self.generator.manual_seed(self.params.seed)
+            else:
+                self.generator.seed()  # fresh entropy for this generator only, not torch's global one
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose K/V sit in the cache."""
+        return self.table.num_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
