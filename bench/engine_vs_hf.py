@@ -14,19 +14,17 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from specserve.scheduler.cli.main import engine_options
-from specserve.scheduler.cli.generate import run_prompt
-from specserve.workers.model.loader import load_engine
-from specserve.workers.engine.sequence import SamplingParams
+from specserve.workers.model.loader import LoadOptions, load_engine
 
-from specserve.bench.harness import first_difference, geomean, hf_model_like
+from specserve.bench.harness import BenchConfig, first_difference, geomean, hf_model_like, run_ours
 from specserve.bench.membw import decode_floor, measure_bandwidth
+from specserve.workers.model.cpu_info import cpu_info
 from specserve.bench.prompt_sets import BenchPrompt, humaneval_prompts, sharegpt_prompts
 
 DEFAULT_THREADS = 2  # the machines have 2 cores
@@ -107,8 +105,8 @@ class _TokenClock:
 
 
 def time_ours(engine, ids: list[int], n: int) -> Timed:
-    result = run_prompt(engine, ids, SamplingParams(max_new_tokens=n, ignore_eos=True))
-    return Timed(result.token_ids, result.elapsed_s, result.ttft_s)
+    tokens, elapsed, seq = run_ours(engine, ids, n)
+    return Timed(tokens, elapsed, seq.first_token_time - seq.arrival_time)
 
 
 def time_hf(model, ids: list[int], n: int) -> Timed:
@@ -123,22 +121,31 @@ def time_hf(model, ids: list[int], n: int) -> Timed:
     return Timed(out[0, len(ids):].tolist(), elapsed, first - start)
 
 
-def run_engine_bench(args) -> dict:
-    options = engine_options(args)
-    options["threads"] = args.threads or DEFAULT_THREADS
-    loaded = load_engine(args.model, progress=True, **options)
+@dataclass(frozen=True)
+class EngineBenchConfig(BenchConfig):
+    load: LoadOptions = field(default_factory=lambda: LoadOptions(threads=DEFAULT_THREADS))  # speculation off
+    repeats: int = REPEATS  # runs per side and prompt; the best counts
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        method = self.load.config.spec.method
+        if method != "none":
+            raise ValueError(f"the engine suite measures our engine with speculation off, got spec method {method!r}")
+
+
+def run_engine_bench(config: EngineBenchConfig) -> dict:
+    loaded = load_engine(config.model, config.load)
     engine = loaded.engine
-    if engine.speculator is not None:
-        raise ValueError("the engine suite measures our engine with speculation off")
     hf = hf_model_like(loaded)
-    n = args.max_new_tokens
-    repeats = getattr(args, "repeats", REPEATS)
-    prompts = humaneval_prompts(args.num_prompts, args.seed) + sharegpt_prompts(args.num_prompts, args.seed)
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    print(f"seed {args.seed}: {args.num_prompts} HumanEval + {args.num_prompts} ShareGPT prompts, {n} new tokens, "
-          f"best of {repeats} runs per side; model {loaded.source.name}, {engine.model.dtype}, "
+    n = config.max_new_tokens
+    repeats = config.repeats
+    prompts = humaneval_prompts(config.num_prompts, config.seed) + sharegpt_prompts(config.num_prompts, config.seed)
+    print(f"seed {config.seed}: {config.num_prompts} HumanEval + {config.num_prompts} ShareGPT prompts, "
+          f"{n} new tokens, best of {repeats} runs per side; model {loaded.source.name}, {engine.model.dtype}, "
           f"torch.get_num_threads() = {torch.get_num_threads()}", flush=True)
+    print(f"CPU {cpu_info().describe()}; kernel paths: {engine.model.kernels.describe()}", flush=True)
 
     warm = engine.tokenizer("def warm_up():")["input_ids"]
     time_ours(engine, warm, WARMUP_TOKENS)
@@ -146,11 +153,11 @@ def run_engine_bench(args) -> dict:
     results = [_run_pair(engine, hf, p, n, repeats, ours_first=i % 2 == 0)
                for i, p in enumerate(tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr))]
 
-    bandwidth = measure_bandwidth(device=args.device)
+    bandwidth = measure_bandwidth(device=config.load.device)
     floor = decode_floor(engine.model.weight_bytes, bandwidth.copy_bytes_per_s)
-    report = _report(args, loaded, results, repeats, bandwidth, floor)
+    report = _report(config, loaded, results, repeats, bandwidth, floor)
     _print_table(report, results)
-    out = Path(args.out)
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine_vs_hf.json").write_text(json.dumps(report, indent=2))
     print(f"results: {out / 'engine_vs_hf.json'}")
@@ -178,7 +185,7 @@ def _run_pair(engine, hf, prompt: BenchPrompt, n: int, repeats: int, ours_first:
                         [t.elapsed_s for t in theirs], repeatable)
 
 
-def _report(args, loaded, results: list[PromptResult], repeats: int, bandwidth, floor) -> dict:
+def _report(config: EngineBenchConfig, loaded, results: list[PromptResult], repeats: int, bandwidth, floor) -> dict:
     import transformers
 
     def ratio(category: str | None = None) -> float:
@@ -188,13 +195,16 @@ def _report(args, loaded, results: list[PromptResult], repeats: int, bandwidth, 
     hf_step = sum(r.hf.decode_step_s for r in results) / len(results)
     return {
         "suite": "engine",
-        "seed": args.seed,
-        "num_prompts_per_category": args.num_prompts,
-        "max_new_tokens": args.max_new_tokens,
+        "seed": config.seed,
+        "num_prompts_per_category": config.num_prompts,
+        "max_new_tokens": config.max_new_tokens,
         "repeats": repeats,
         "model": loaded.source.name,
+        "cpu": cpu_info().model,
+        "isa_flags": list(cpu_info().flags),
+        "kernels": loaded.engine.model.kernels.to_json(),
         "model_fingerprint": loaded.source.fingerprint,
-        "device": args.device,
+        "device": config.load.device,
         "dtype": str(loaded.engine.model.dtype),
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -1,13 +1,35 @@
-"""What every benchmark shares: timed runs of our engine and of transformers, and summaries."""
+"""What every benchmark shares: its base config, timed runs of our engine and of transformers,
+and summaries. Each suite's `run_*` takes its own frozen config (a BenchConfig); the CLI
+(scheduler/cli/bench.py) builds them from flags, and nothing here imports the CLI."""
 
 import math
 import statistics
 import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from specserve.workers.engine.llm_engine import LLMEngine
 from specserve.workers.engine.sequence import SamplingParams, Sequence
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What every suite takes: the model, the prompts (per category, picked with `seed`), the
+    tokens to generate per prompt, and the folder for the JSON results."""
+
+    model: str = "smollm2-135m"
+    num_prompts: int = 8  # per category (HumanEval code, ShareGPT chat)
+    max_new_tokens: int = 128
+    seed: int = 0  # prompt selection
+    out: Path = Path("bench/results")
+
+    def __post_init__(self):
+        for name in ("num_prompts", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def geomean(xs: list[float]) -> float:
@@ -20,9 +42,11 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def run_ours(engine: LLMEngine, ids: list[int], n: int) -> tuple[list[int], float, Sequence]:
-    """Exactly n new greedy tokens (end-of-sequence ignored); returns tokens, seconds, sequence."""
+    """Exactly n new greedy tokens (end-of-sequence ignored); returns tokens, seconds, sequence.
+    Each run has a fresh cache salt: like transformers, it recomputes the whole prompt, never
+    reusing what an earlier run left in our prefix cache."""
     start = time.perf_counter()
-    seq = engine.add_request(ids, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    seq = engine.add_request(ids, SamplingParams(max_new_tokens=n, ignore_eos=True, cache_salt=uuid.uuid4().hex))
     while engine.has_unfinished():
         engine.step()
     return seq.output_ids, time.perf_counter() - start, seq

@@ -28,6 +28,7 @@ from specserve.kernels.ring_attention import ring_bytes_sent
 from specserve.kernels.ulysses_attention import ulysses_bytes_sent
 from specserve.workers.model.sequence_parallel import CheckpointModel, PrefillProgram, SequenceParallelMode
 
+from specserve.bench.harness import BenchConfig
 from specserve.bench.long_decode import run_long_decode
 from specserve.bench.long_prompts import long_prompt_ids
 
@@ -129,22 +130,39 @@ def run_prefill_scaling(model: str, lengths: list[int], workers: list[int], laye
     return rows
 
 
-def run_longctx_bench(args) -> None:
+@dataclass(frozen=True)
+class LongContextBenchConfig(BenchConfig):
+    lengths: tuple[int, ...] = (4096, 8192, 16384)  # prompt lengths to prefill
+    group_sizes: tuple[int, ...] = (1, 2, 4)  # prefill workers per row
+    mode: SequenceParallelMode = SequenceParallelMode.RING
+    layers: int = 4  # prefill with the model's first N layers
+    skip_decode: bool = False  # prefill rows only
+    threads: int = 2  # shared by the workers
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("lengths", "group_sizes"):
+            values = getattr(self, name)
+            if not values or min(values) < 1:
+                raise ValueError(f"{name} must list positive integers, got {values!r}")
+        if self.layers < 1 or self.threads < 1:
+            raise ValueError(f"layers and threads must be >= 1, got {self.layers}, {self.threads}")
+
+
+def run_longctx_bench(config: LongContextBenchConfig) -> None:
     from specserve.workers.model.model_source import load_tokenizer, resolve_model
 
-    lengths = [int(x) for x in args.lengths.split(",")]
-    workers = [int(x) for x in args.prefill_workers_list.split(",")]
-    threads = args.threads or 2
+    lengths, workers, threads = list(config.lengths), list(config.group_sizes), config.threads
     torch.set_num_threads(threads)
-    tokenizer = load_tokenizer(resolve_model(args.model, progress=False))
-    print(f"model {args.model} (first {args.layers} layers, RoPE to {max(lengths)} positions), seed {args.seed}, "
+    tokenizer = load_tokenizer(resolve_model(config.model, progress=False))
+    print(f"model {config.model} (first {config.layers} layers, RoPE to {max(lengths)} positions), seed {config.seed}, "
           f"{threads} threads shared by the workers", flush=True)
-    result = {"seed": args.seed, "threads": threads, "model": args.model,
-              "prefill": run_prefill_scaling(args.model, lengths, workers, args.layers,
-                                             SequenceParallelMode(args.sequence_parallel), threads, tokenizer, args.seed)}
-    if not args.skip_decode:
-        result["decode"] = run_long_decode(args.model, tokenizer, threads, args.seed, args.max_new_tokens)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / "long_context.json"
+    result = {"seed": config.seed, "threads": threads, "model": config.model,
+              "prefill": run_prefill_scaling(config.model, lengths, workers, config.layers,
+                                             config.mode, threads, tokenizer, config.seed)}
+    if not config.skip_decode:
+        result["decode"] = run_long_decode(config.model, tokenizer, threads, config.seed, config.max_new_tokens)
+    config.out.mkdir(parents=True, exist_ok=True)
+    path = Path(config.out) / "long_context.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")

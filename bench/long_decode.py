@@ -63,9 +63,9 @@ def verify_latency(model, contexts=CONTEXTS, new_slots=NEW_SLOTS, rounds: int = 
 def spec_gain_at_8k(model_name: str, tokenizer, threads: int, seed: int, new_tokens: int) -> dict:
     """Decode tokens/s with ngram speculation vs without, on one real 8000-token prompt whose K/V
     is computed once and handed to both engines (decode time only: first token excluded)."""
-    from specserve.workers.model.loader import load_engine
+    from specserve.workers.model.loader import LoadOptions, load_engine
 
-    base = load_engine(model_name, threads=threads, progress=False).engine
+    base = load_engine(model_name, LoadOptions(threads=threads, progress=False)).engine
     ids = long_prompt_ids(tokenizer, REAL_PROMPT_TOKENS, seed)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     plain = LLMEngine(base.model, base.tokenizer, EngineConfig(kv_cache_bytes=64 << 20), base.eos_token_ids)
@@ -86,8 +86,8 @@ def spec_gain_at_8k(model_name: str, tokenizer, threads: int, seed: int, new_tok
         seconds = time.perf_counter() - start
         rate = (len(s.output_ids) - 1) / seconds
         if method not in runs or rate > runs[method]["tokens_per_s"]:
-            runs[method] = {"tokens_per_s": rate, "tokens": s.output_ids, "steps": s.decode_steps - 1,
-                            "accepted": s.accepted_tokens, "drafted": s.drafted_tokens}
+            runs[method] = {"tokens_per_s": rate, "tokens": s.output_ids, "steps": s.spec.decode_steps - 1,
+                            "accepted": s.spec.accepted_tokens, "drafted": s.spec.drafted_tokens}
     identical = runs["none"]["tokens"] == runs["ngram"]["tokens"]
     gain = runs["ngram"]["tokens_per_s"] / runs["none"]["tokens_per_s"]
     print(f"decode at {REAL_PROMPT_TOKENS} tokens: none {runs['none']['tokens_per_s']:.2f} tok/s, ngram "

@@ -41,8 +41,9 @@ class DecodeFloor:
         return {"weight_bytes": self.weight_bytes, "GB_per_s": self.bytes_per_s / 1e9, "floor_s": self.floor_s}
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    fn()  # first touch: page faults are not bandwidth
+def time_step(fn, repeats: int) -> float:
+    """Best of `repeats` timed calls of fn after one untimed call (first touch, warm-up)."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -69,7 +70,7 @@ def measure_bandwidth(buffer_bytes: int = DEFAULT_BUFFER_BYTES, repeats: int = 5
         sync()
 
     nbytes = numel * 4
-    copy_s, read_s = _best_seconds(copy, repeats), _best_seconds(read, repeats)
+    copy_s, read_s = time_step(copy, repeats), time_step(read, repeats)
     return Bandwidth(2 * nbytes / copy_s, nbytes / read_s, nbytes, repeats, torch.get_num_threads())
 
 

@@ -17,16 +17,18 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from specserve.cluster.prefix_cache.admin import clear
 from specserve.cluster.prefix_cache.redis_store import RedisBlockStore
-from specserve.scheduler.cli.cache import clear
 from specserve.workers.engine.llm_engine import LLMEngine
-from specserve.workers.model.loader import load_engine
+from specserve.workers.model.loader import LoadOptions, load_engine
 from specserve.workers.engine.sequence import SamplingParams
 
+from specserve.bench.harness import BenchConfig
 from specserve.bench.long_prompts import long_prompt_ids
 
 LENGTHS = (2048, 4096)
@@ -43,9 +45,9 @@ def timed_first_token(engine: LLMEngine, ids: list[int]) -> dict:
             "token": seq.output_ids[0]}
 
 
-def _process_run(model: str, options: dict, prompts: list[list[int]], repeat: bool) -> list[list[dict]]:
+def _process_run(model: str, options: LoadOptions, prompts: list[list[int]], repeat: bool) -> list[list[dict]]:
     """In a fresh process: each prompt once (and once more when repeat), after a warm-up."""
-    engine = load_engine(model, progress=False, **options).engine
+    engine = load_engine(model, replace(options, progress=False)).engine
     timed_first_token(engine, list(range(1000, 1040)))  # warm-up, shorter than a block run of interest
     runs = []
     for ids in prompts:
@@ -89,18 +91,23 @@ def _redis(url: str | None):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_prefix_bench(args, options: dict) -> dict:
-    options = dict(options, threads=args.threads or 2)
-    with _redis(options.get("redis_url")) as url:
-        options["redis_url"] = url
+@dataclass(frozen=True)
+class PrefixBenchConfig(BenchConfig):
+    load: LoadOptions = field(default_factory=lambda: LoadOptions(threads=2))  # redis_url None: start a redis-server
+
+
+def run_prefix_bench(config: PrefixBenchConfig) -> dict:
+    options = config.load
+    with _redis(options.redis_url) as url:
+        options = replace(options, redis_url=url)
         clear(RedisBlockStore(url), None)
-        tokenizer = load_engine(args.model, progress=True, **{**options, "redis_url": None}).engine.tokenizer
-        prompts = [long_prompt_ids(tokenizer, n, args.seed + n) for n in LENGTHS]  # no shared prefix between them
-        print(f"seed {args.seed}: ShareGPT prompts of {', '.join(map(str, LENGTHS))} tokens; model {args.model}, "
-              f"{options['threads']} threads; redis {url}", flush=True)
-        first = _in_fresh_process(args.model, options, prompts, True)
-        stats = redis_bytes(url, args.block_size)
-        second = _in_fresh_process(args.model, options, prompts, False)
+        tokenizer = load_engine(config.model, replace(options, redis_url=None)).engine.tokenizer
+        prompts = [long_prompt_ids(tokenizer, n, config.seed + n) for n in LENGTHS]  # no shared prefix between them
+        print(f"seed {config.seed}: ShareGPT prompts of {', '.join(map(str, LENGTHS))} tokens; model {config.model}, "
+              f"{options.threads} threads; redis {url}", flush=True)
+        first = _in_fresh_process(config.model, options, prompts, True)
+        stats = redis_bytes(url, options.config.block_size)
+        second = _in_fresh_process(config.model, options, prompts, False)
     rows = []
     for n, (cold, l1), (l2,) in zip(LENGTHS, first, second):
         moved = stats["bytes"] * l2["cached_tokens"] / max(stats["tokens"], 1)
@@ -109,7 +116,7 @@ def run_prefix_bench(args, options: dict) -> dict:
                      "l2_cached_tokens": l2["cached_tokens"], "l2_bytes": moved,
                      "l2_bytes_per_s": moved / l2["lookup_s"], "same_first_token": cold["token"] == l1["token"] == l2["token"],
                      "l1_over_cold": l1["ttft_s"] / cold["ttft_s"], "l2_over_cold": l2["ttft_s"] / cold["ttft_s"]})
-    report = {"model": args.model, "threads": options["threads"], "seed": args.seed, "torch": torch.__version__,
+    report = {"model": config.model, "threads": options.threads, "seed": config.seed, "torch": torch.__version__,
               "rows": rows}
     print(f"{'tokens':>7} {'cold s':>8} {'L1 s':>7} {'L2 s':>7} {'L1/cold':>8} {'L2/cold':>8} {'L2 MB':>7} "
           f"{'MB/s':>7} same")
@@ -117,7 +124,7 @@ def run_prefix_bench(args, options: dict) -> dict:
         print(f"{r['prompt_tokens']:>7} {r['cold_ttft_s']:>8.3f} {r['l1_ttft_s']:>7.3f} {r['l2_ttft_s']:>7.3f} "
               f"{r['l1_over_cold']:>8.3f} {r['l2_over_cold']:>8.3f} {r['l2_bytes'] / 1e6:>7.1f} "
               f"{r['l2_bytes_per_s'] / 1e6:>7.0f} {r['same_first_token']}")
-    out = Path(args.out)
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prefix_cache.json").write_text(json.dumps(report, indent=2))
     print(f"results: {out / 'prefix_cache.json'}")

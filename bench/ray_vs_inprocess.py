@@ -20,15 +20,16 @@ from pathlib import Path
 from specserve.cluster.placement import RoleSpec
 from specserve.cluster.ray_cluster import RayConnectConfig, connect, disconnect
 from specserve.scheduler.prompts import Prompt
-from specserve.scheduler.ray.backend import RayBackend, RayBackendConfig
+from specserve.scheduler.ray.backend import RayBackend
+from specserve.scheduler.ray.config import RayBackendConfig
 from specserve.workers.engine.llm_engine import EngineConfig
 from specserve.workers.engine.engine_loop import EngineLoop
-from specserve.workers.model.loader import load_engine
+from specserve.workers.model.loader import LoadOptions, load_engine
 from specserve.workers.engine.sequence import SamplingParams
 from specserve.workers.spec.methods import SpecConfig
 from specserve.workers.actors.worker_model import WorkerModel
 
-from specserve.bench.harness import first_difference, geomean
+from specserve.bench.harness import BenchConfig, first_difference, geomean
 from specserve.bench.prompt_sets import humaneval_prompts, sharegpt_prompts
 
 TIMEOUT_S = 600.0
@@ -59,34 +60,39 @@ def _run(loop, ids: list[int], n: int):
             return tokens, time.perf_counter() - start, item
 
 
-def _count_steps(engine) -> list[int]:
-    """Counts the engine's steps (wraps engine.step; the loop thread is its only caller)."""
-    counter, step = [0], engine.step
+@dataclass(frozen=True)
+class RayBenchConfig(BenchConfig):
+    methods: tuple[str, ...] = ("ngram", "recycling", "ngram+recycling")  # spec methods, each in-process vs actors
+    spec_tokens: int = 0  # most draft tokens per step (0: sized from the measured latency)
+    draft_model: str | None = None  # also run spec method model with this draft model
+    device: str = "cpu"
+    dtype: str = "auto"
+    threads: int = 2
 
-    def counted():
-        counter[0] += 1
-        return step()
+    def __post_init__(self):
+        super().__post_init__()
+        for m in self.methods:
+            SpecConfig(m, self.spec_tokens, self.draft_model if "model" in m else None)  # errors before any load
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
-    engine.step = counted
-    return counter
 
-
-def run_ray_bench(args) -> dict:
-    methods = [m for m in args.methods.split(",") if m]
-    if getattr(args, "draft_model", None) and "model" not in methods:
+def run_ray_bench(config: RayBenchConfig) -> dict:
+    methods = list(config.methods)
+    if config.draft_model and "model" not in methods:
         methods.append("model")
-    threads = args.threads or 2
-    prompts = humaneval_prompts(args.num_prompts, args.seed) + sharegpt_prompts(args.num_prompts, args.seed)
+    threads = config.threads
+    prompts = humaneval_prompts(config.num_prompts, config.seed) + sharegpt_prompts(config.num_prompts, config.seed)
     connect(RayConnectConfig(num_cpus=max(4, threads)))
-    print(f"seed {args.seed}: {args.num_prompts} HumanEval + {args.num_prompts} ShareGPT prompts, "
-          f"{args.max_new_tokens} new tokens, {threads} threads; one stream at a time")
-    report = {"seed": args.seed, "max_new_tokens": args.max_new_tokens, "threads": threads, "methods": {}}
+    print(f"seed {config.seed}: {config.num_prompts} HumanEval + {config.num_prompts} ShareGPT prompts, "
+          f"{config.max_new_tokens} new tokens, {threads} threads; one stream at a time")
+    report = {"seed": config.seed, "max_new_tokens": config.max_new_tokens, "threads": threads, "methods": {}}
     try:
         for method in methods:
-            report["methods"][method] = _bench_method(args, method, threads, prompts)
+            report["methods"][method] = _bench_method(config, method, threads, prompts)
     finally:
         disconnect()
-    out_dir = Path(args.out)
+    out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ray_vs_inprocess.json").write_text(json.dumps(report, indent=2))
     _print_table(report)
@@ -94,18 +100,17 @@ def run_ray_bench(args) -> dict:
     return report
 
 
-def _bench_method(args, method: str, threads: int, prompts) -> dict:
-    draft = getattr(args, "draft_model", None) if "model" in method else None
-    config = EngineConfig(spec=SpecConfig(method, args.spec_tokens, draft))
-    options = {"device": args.device, "dtype": args.dtype, "threads": threads, "config": config}
-    loaded = load_engine(args.model, progress=False, **options)
+def _bench_method(bench: RayBenchConfig, method: str, threads: int, prompts) -> dict:
+    draft = bench.draft_model if "model" in method else None
+    config = EngineConfig(spec=SpecConfig(method, bench.spec_tokens, draft))
+    options = LoadOptions(device=bench.device, dtype=bench.dtype, threads=threads, config=config, progress=False)
+    loaded = load_engine(bench.model, options)
     engine = loaded.engine
-    local_steps = _count_steps(engine)
     local = EngineLoop(engine, 4).start()
     backend = RayBackend(RayBackendConfig(name=f"bench-{uuid.uuid4().hex[:6]}",
                                           verify=RoleSpec(1, num_cpus=1), prefill=RoleSpec(1, num_cpus=0.5),
                                           draft=RoleSpec(1 if draft else 0, num_cpus=0.5)),
-                         WorkerModel(args.model, options), connect())
+                         WorkerModel(bench.model, options), connect())
     try:
         remote = backend.start()[0]
         warm = engine.tokenizer("def warm_up():")["input_ids"]
@@ -117,10 +122,10 @@ def _bench_method(args, method: str, threads: int, prompts) -> dict:
         for p in prompts:
             ids = Prompt(text=p.text, messages=p.messages).token_ids(engine.tokenizer)
             long_prompts += len(ids) >= backend.config.prefill_threshold
-            steps_before = local_steps[0]
-            ref, t_local, last_local = _run(local, ids, args.max_new_tokens)
-            _record(ours, len(ref), t_local, local_steps[0] - steps_before, last_local.seq)
-            out, t_remote, last_remote = _run(remote, ids, args.max_new_tokens)
+            steps_before = local.steps
+            ref, t_local, last_local = _run(local, ids, bench.max_new_tokens)
+            _record(ours, len(ref), t_local, local.steps - steps_before, last_local.seq)
+            out, t_remote, last_remote = _run(remote, ids, bench.max_new_tokens)
             _record(actors, len(out), t_remote, 0, last_remote.seq)
             diff = first_difference(out, ref)
             if diff is not None:
@@ -161,8 +166,8 @@ def _record(r: PathResult, n: int, seconds: float, steps: int, seq) -> None:
     r.seconds += seconds
     r.tokens += n
     r.steps += steps
-    r.accepted += seq.accepted_tokens
-    r.spec_steps += seq.spec_steps
+    r.accepted += seq.spec.accepted_tokens
+    r.spec_steps += seq.spec.spec_steps
 
 
 def _worker_breakdown(backend: RayBackend) -> dict:
@@ -170,8 +175,8 @@ def _worker_breakdown(backend: RayBackend) -> dict:
 
     b = ray.get(backend.loops[0].handle.breakdown.remote())
     compute = 0.0
-    if backend.draft_handles:
-        compute = ray.get(backend.draft_handles[0].stats.remote()).propose_seconds
+    if backend.pool.draft_handles:
+        compute = ray.get(backend.pool.draft_handles[0].stats.remote()).propose_seconds
     return {"steps": b["steps"], "step_seconds": b["step_seconds"], "prefix_tokens": b["prefix_tokens"],
             "draft_seconds": b["draft"]["seconds"], "draft_compute_seconds": compute, "draft_calls": b["draft"]["calls"]}
 

@@ -1,26 +1,53 @@
-"""`specserve bench serve`: ShareGPT prompts at rising concurrency against a gRPC server.
+"""`specserve bench serve`: ShareGPT prompts at rising concurrency against a specserve server.
 
 Per concurrency level, `concurrency` client threads share a list of requests (each takes the
 next when its last one ends) with speculation off (request spec.method "none") and on (the
 server's default), side by side on the same server: aggregate tokens/s, TTFT and inter-token
-latency p50/p99. Without --server, a server is started in this process on a free loopback port.
+latency p50/p99. Without --server, a server is started in this process on free loopback ports.
+
+`api` picks the front door: gRPC (specserve's client) or the OpenAI HTTP API (the official
+`openai` client, chat completions streamed with the `return_token_ids` extension so tokens per
+chunk are counted as over gRPC). Given both, each level runs over both APIs on the same server,
+alternating which goes first, and the report gives openai/grpc ratios (HTTP's overhead).
 """
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 
 from specserve.scheduler.client import Client
 
+from specserve.workers.model.loader import LoadOptions
+
+from specserve.bench.harness import BenchConfig
 from specserve.bench.prompt_sets import sharegpt_prompts
 
 MODES = ("off", "on")  # speculation per request: "none" vs the server's default
 
 
+class Api(str, Enum):
+    GRPC = "grpc"
+    OPENAI = "openai"
+
+
+# One streamed request: (request fields, spec method) -> the number of new tokens of each chunk.
+Stream = Callable[[dict, str], Iterator[int]]
+
+
+@dataclass(frozen=True)
+class Served:
+    model: str
+    spec_method: str  # the server's default method
+
+
 @dataclass
 class LevelResult:
+    api: Api
     concurrency: int
     mode: str
     requests: int = 0
@@ -34,8 +61,8 @@ class LevelResult:
         return self.tokens / self.wall_s
 
     def summary(self) -> dict:
-        return {"concurrency": self.concurrency, "spec": self.mode, "requests": self.requests, "tokens": self.tokens,
-                "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
+        return {"api": self.api.value, "concurrency": self.concurrency, "spec": self.mode, "requests": self.requests,
+                "tokens": self.tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
                 "ttft_p50_s": percentile(self.ttft_s, 50), "ttft_p99_s": percentile(self.ttft_s, 99),
                 "itl_p50_s": percentile(self.itl_s, 50), "itl_p99_s": percentile(self.itl_s, 99)}
 
@@ -47,8 +74,8 @@ def percentile(xs: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def run_level(client: Client, requests: list[dict], concurrency: int, mode: str) -> LevelResult:
-    result, lock, todo = LevelResult(concurrency, mode), threading.Lock(), list(reversed(requests))
+def run_level(api: Api, stream: Stream, requests: list[dict], concurrency: int, mode: str) -> LevelResult:
+    result, lock, todo = LevelResult(api, concurrency, mode), threading.Lock(), list(reversed(requests))
 
     def worker():
         while True:
@@ -58,14 +85,14 @@ def run_level(client: Client, requests: list[dict], concurrency: int, mode: str)
                 fields = todo.pop()
             start = last = time.perf_counter()
             ttft, itl, n = None, [], 0
-            for chunk in client.generate(**fields, spec_method="none" if mode == "off" else ""):
+            for new in stream(fields, "none" if mode == "off" else ""):
                 now = time.perf_counter()
-                if chunk.token_ids:
+                if new:
                     if ttft is None:
                         ttft = now - start
                     else:
-                        itl += [(now - last) / len(chunk.token_ids)] * len(chunk.token_ids)
-                    last, n = now, n + len(chunk.token_ids)
+                        itl += [(now - last) / new] * new
+                    last, n = now, n + new
             with lock:
                 result.requests += 1
                 result.tokens += n
@@ -82,35 +109,60 @@ def run_level(client: Client, requests: list[dict], concurrency: int, mode: str)
     return result
 
 
-def run_serve_bench(args) -> dict:
-    levels = [int(c) for c in args.concurrency.split(",")]
-    if not levels or min(levels) < 1:
-        raise ValueError(f"--concurrency must list positive integers, got {args.concurrency!r}")
-    prompts = sharegpt_prompts(max(args.requests_per_level, 2 * max(levels)), args.seed)
+@dataclass(frozen=True)
+class ServeBenchConfig(BenchConfig):
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)  # stream counts, one level each
+    requests_per_level: int = 8  # at least 2x the concurrency are sent
+    server: str | None = None  # host:port of a running server (its HTTP port for api openai); None: start one here
+    apis: tuple[Api, ...] = (Api.GRPC,)  # front doors to load, each level over each
+    load: LoadOptions = field(default_factory=LoadOptions)  # how that server loads config.model
+    spec_tokens: int = 0  # its speculation: `specserve serve`'s default method, at most this many draft tokens
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError(f"concurrency must list positive integers, got {self.concurrency!r}")
+        if self.requests_per_level < 1:
+            raise ValueError(f"requests_per_level must be >= 1, got {self.requests_per_level}")
+        if not self.apis or len(set(self.apis)) != len(self.apis):
+            raise ValueError(f"apis must list grpc and/or openai once each, got {self.apis!r}")
+        if self.server is not None and len(self.apis) != 1:
+            raise ValueError("--server takes one --api (a running server's gRPC or HTTP address)")
+
+
+def run_serve_bench(config: ServeBenchConfig) -> dict:
+    levels = list(config.concurrency)
+    prompts = sharegpt_prompts(max(config.requests_per_level, 2 * max(levels)), config.seed)
     server = None
-    target = args.server
-    if target is None:
-        server, target = _start_server(args)
+    targets = {config.apis[0]: config.server}
+    if config.server is None:
+        server, targets = _start_server(config)
     try:
-        with Client(target) as client:
-            info = client.model_info()
-            print(f"{info.model} at {target}: speculation '{info.default_spec_method}' vs none; "
-                  f"levels {levels}, {args.max_new_tokens} tokens per request, ShareGPT seed {args.seed}")
-            # warm-up: the first request of a fresh process pays one-time costs
-            list(client.generate(messages=[{"role": "user", "content": "Hello"}], max_tokens=8))
+        with contextlib.ExitStack() as stack:
+            opened = {api: stack.enter_context(_connect(api, targets[api])) for api in config.apis}
+            served = next(iter(opened.values()))[1]
+            print(f"{served.model} over {', '.join(a.value for a in config.apis)}: speculation "
+                  f"'{served.spec_method}' vs none; levels {levels}, {config.max_new_tokens} tokens per request, "
+                  f"ShareGPT seed {config.seed}")
+            for stream, _ in opened.values():  # warm-up: the first request of each pays one-time costs
+                list(stream({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
+                             "ignore_eos": False}, ""))
             results = []
-            for c in levels:
-                n = max(args.requests_per_level, 2 * c)
-                requests = [{"messages": list(p.messages), "max_tokens": args.max_new_tokens, "ignore_eos": True}
+            for i, c in enumerate(levels):
+                n = max(config.requests_per_level, 2 * c)
+                requests = [{"messages": list(p.messages), "max_tokens": config.max_new_tokens, "ignore_eos": True}
                             for p in prompts[:n]]
-                for mode in MODES:
-                    results.append(run_level(client, requests, c, mode))
-                    print(_row(results[-1]), flush=True)
+                for j, api in enumerate(config.apis if i % 2 == 0 else reversed(config.apis)):  # alternate who goes first
+                    for mode in MODES if (i + j) % 2 == 0 else reversed(MODES):
+                        # A salt per level, API and mode: no side finds the prompts another side cached.
+                        salted = [{**r, "cache_salt": f"bench-{c}-{api.value}-{mode}"} for r in requests]
+                        results.append(run_level(api, opened[api][0], salted, c, mode))
+                        print(_row(results[-1]), flush=True)
     finally:
         if server is not None:
             server.stop()
-    report = _report(results, levels, info, args)
-    out = Path(args.out)
+    report = _report(results, levels, served, config)
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(report, indent=2))
     _plot(report, out / "serve_load.png")
@@ -118,40 +170,73 @@ def run_serve_bench(args) -> dict:
     return report
 
 
-def _start_server(args):
-    from specserve.scheduler.cli.main import engine_options
+@contextlib.contextmanager
+def _connect(api: Api, target: str) -> Iterator[tuple[Stream, Served]]:
+    if api == Api.GRPC:
+        with Client(target) as client:
+            info = client.model_info()
+
+            def stream(fields: dict, spec_method: str) -> Iterator[int]:
+                return (len(chunk.token_ids) for chunk in client.generate(**fields, spec_method=spec_method))
+
+            yield stream, Served(info.model, info.default_spec_method)
+        return
+    import openai
+
+    with openai.OpenAI(base_url=f"http://{target}/v1", api_key="unused", max_retries=0) as client:
+        model = client.models.list().data[0].id
+
+        def stream(fields: dict, spec_method: str) -> Iterator[int]:
+            extra = {"ignore_eos": fields["ignore_eos"], "return_token_ids": True, "spec": {"method": spec_method},
+                     "cache_salt": fields.get("cache_salt", "")}
+            chunks = client.chat.completions.create(model=model, messages=fields["messages"], stream=True,
+                                                    max_completion_tokens=fields["max_tokens"], extra_body=extra)
+            return (len(chunk.choices[0].model_extra["token_ids"]) for chunk in chunks)
+
+        yield stream, Served(model, "the server's default")
+
+
+def _start_server(config: ServeBenchConfig):
     from specserve.scheduler.server.grpc_server import ServerConfig, ServerThread
     from specserve.workers.model.loader import load_engine
     from specserve.workers.spec.methods import SpecConfig, default_method
 
-    options = engine_options(args)  # the model arguments; speculation as `specserve serve` defaults it
-    options["config"] = replace(options["config"], spec=SpecConfig(default_method(None), args.spec_tokens))
-    server = ServerThread(ServerConfig(port=0, metrics_port=None, max_queued=max(64, 4 * args.requests_per_level)))
-    server.attach(load_engine(args.model, **options), args.model)
-    return server, f"127.0.0.1:{server.port}"
+    spec = SpecConfig(default_method(None), config.spec_tokens)  # speculation as `specserve serve` defaults it
+    options = replace(config.load, config=replace(config.load.config, spec=spec))
+    server = ServerThread(ServerConfig(port=0, metrics_port=None, max_queued=max(64, 4 * config.requests_per_level),
+                                       http_port=0 if Api.OPENAI in config.apis else None))
+    server.attach(load_engine(config.model, options), config.model)
+    return server, {Api.GRPC: f"127.0.0.1:{server.port}", Api.OPENAI: f"127.0.0.1:{server.http_port}"}
 
 
 def _row(r: LevelResult) -> str:
     s = r.summary()
-    return (f"c={r.concurrency:<3} spec {r.mode:<3} {s['tokens_per_s']:7.1f} tok/s  TTFT p50 {s['ttft_p50_s']:.3f} "
-            f"p99 {s['ttft_p99_s']:.3f} s  ITL p50 {1e3 * s['itl_p50_s']:.1f} p99 {1e3 * s['itl_p99_s']:.1f} ms")
+    return (f"{r.api.value:<6} c={r.concurrency:<3} spec {r.mode:<3} {s['tokens_per_s']:7.1f} tok/s  "
+            f"TTFT p50 {s['ttft_p50_s']:.3f} p99 {s['ttft_p99_s']:.3f} s  "
+            f"ITL p50 {1e3 * s['itl_p50_s']:.1f} p99 {1e3 * s['itl_p99_s']:.1f} ms")
 
 
-def _report(results: list[LevelResult], levels: list[int], info, args) -> dict:
-    by = {(r.concurrency, r.mode): r.tokens_per_s for r in results}
+def _report(results: list[LevelResult], levels: list[int], served: Served, config: ServeBenchConfig) -> dict:
+    first = config.apis[0]
+    by = {(r.api, r.concurrency, r.mode): r.tokens_per_s for r in results}
     lo, hi = min(levels), max(levels)
     checks = {
-        f"on_c{hi}_over_c{lo}": by[hi, "on"] / by[lo, "on"],
-        f"off_c{hi}_over_c{lo}": by[hi, "off"] / by[lo, "off"],
-        "on_over_off_min": min(by[c, "on"] / by[c, "off"] for c in levels),
-        "on_over_off": {c: by[c, "on"] / by[c, "off"] for c in levels},
+        f"on_c{hi}_over_c{lo}": by[first, hi, "on"] / by[first, lo, "on"],
+        f"off_c{hi}_over_c{lo}": by[first, hi, "off"] / by[first, lo, "off"],
+        "on_over_off_min": min(by[first, c, "on"] / by[first, c, "off"] for c in levels),
+        "on_over_off": {c: by[first, c, "on"] / by[first, c, "off"] for c in levels},
     }
-    print(f"throughput c={hi} / c={lo}: spec on {checks[f'on_c{hi}_over_c{lo}']:.2f}x, "
+    print(f"{first.value}: throughput c={hi} / c={lo}: spec on {checks[f'on_c{hi}_over_c{lo}']:.2f}x, "
           f"off {checks[f'off_c{hi}_over_c{lo}']:.2f}x (target >= 3); spec on / off at each level: "
           + ", ".join(f"c={c} {v:.2f}" for c, v in checks["on_over_off"].items()) + " (target >= 1)")
-    return {"suite": "serve", "model": info.model, "spec_method": info.default_spec_method,
-            "max_new_tokens": args.max_new_tokens, "seed": args.seed, "statistics": checks,
-            "levels": [r.summary() for r in results]}
+    if len(config.apis) == 2:
+        ratio = {c: {m: by[Api.OPENAI, c, m] / by[Api.GRPC, c, m] for m in MODES} for c in levels}
+        checks["openai_over_grpc_tokens_per_s"] = ratio
+        print("tokens/s openai / grpc: " + ", ".join(f"c={c} spec {m} {v:.3f}" for c, r in ratio.items()
+                                                    for m, v in r.items()) + " (target >= 0.95)")
+    return {"suite": "serve", "model": served.model, "spec_method": served.spec_method,
+            "apis": [a.value for a in config.apis], "max_new_tokens": config.max_new_tokens, "seed": config.seed,
+            "statistics": checks, "levels": [r.summary() for r in results]}
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -161,12 +246,13 @@ def _plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (thr, lat) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in MODES:
-        rows = [r for r in report["levels"] if r["spec"] == mode]
-        xs = [r["concurrency"] for r in rows]
-        thr.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=f"spec {mode}")
-        lat.plot(xs, [1e3 * r["itl_p50_s"] for r in rows], marker="o", label=f"ITL p50, spec {mode}")
-        lat.plot(xs, [1e3 * r["ttft_p50_s"] for r in rows], marker="x", linestyle="--", label=f"TTFT p50, spec {mode}")
+    for api in report["apis"]:
+        for mode in MODES:
+            rows = [r for r in report["levels"] if r["spec"] == mode and r["api"] == api]
+            xs, name = [r["concurrency"] for r in rows], f"{api}, spec {mode}"
+            thr.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=name)
+            lat.plot(xs, [1e3 * r["itl_p50_s"] for r in rows], marker="o", label=f"ITL p50, {name}")
+            lat.plot(xs, [1e3 * r["ttft_p50_s"] for r in rows], marker="x", linestyle="--", label=f"TTFT p50, {name}")
     thr.set(xscale="log", xlabel="concurrent streams", ylabel="aggregate tokens/s", title=report["model"])
     lat.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title="latency")
     for ax in (thr, lat):

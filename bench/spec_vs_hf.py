@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from specserve.scheduler.prompts import Prompt
 from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
-from specserve.workers.model.loader import load_engine
+from specserve.workers.model.loader import LoadOptions, load_engine
 from specserve.workers.spec.methods import SpecConfig
 
-from specserve.bench.harness import first_difference, geomean, hf_model_like, run_hf, run_ours
+from specserve.bench.harness import BenchConfig, first_difference, geomean, hf_model_like, run_hf, run_ours
 from specserve.bench.prompt_sets import humaneval_prompts, sharegpt_prompts
 
 HF_GREEDY, HF_LOOKUP, OURS_NONE = "hf-generate", "hf-prompt-lookup", "none"
@@ -36,12 +36,29 @@ class Contender:
     mismatches: list[dict] = field(default_factory=list)
 
 
-def run_spec_bench(args) -> dict:
-    methods = [OURS_NONE, *[m for m in args.methods.split(",") if m and m != OURS_NONE]]
-    specs = [SpecConfig(m, args.spec_tokens) for m in methods]  # validates the names first
+@dataclass(frozen=True)
+class SpecBenchConfig(BenchConfig):
+    methods: tuple[str, ...] = ("ngram", "recycling", "ngram+recycling")  # beside speculation off ("none")
+    spec_tokens: int = 0  # most draft tokens per step (0: sized from the measured latency)
+    device: str = "cpu"
+    dtype: str = "auto"
+    threads: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        for m in self.methods:
+            SpecConfig(m, self.spec_tokens)  # a bad method name or spec_tokens is an error before any load
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+def run_spec_bench(config: SpecBenchConfig) -> dict:
+    methods = [OURS_NONE, *[m for m in config.methods if m != OURS_NONE]]
+    specs = [SpecConfig(m, config.spec_tokens) for m in methods]
     # Loaded with a drafter so the cached latency curve (or a fresh measurement) comes along.
-    loaded = load_engine(args.model, device=args.device, dtype=args.dtype, threads=args.threads or 2,
-                         config=EngineConfig(spec=specs[-1]), progress=True)
+    options = LoadOptions(device=config.device, dtype=config.dtype, threads=config.threads,
+                          config=EngineConfig(spec=specs[-1]))
+    loaded = load_engine(config.model, options)
     base = loaded.engine
     tokenizer = base.tokenizer
     curve = base.speculator.curve if base.speculator else None
@@ -50,9 +67,9 @@ def run_spec_bench(args) -> dict:
         s.method: LLMEngine(base.model, tokenizer, EngineConfig(spec=s), base.eos_token_ids, latency_curve=curve)
         for s in specs
     }
-    prompts = humaneval_prompts(args.num_prompts, args.seed) + sharegpt_prompts(args.num_prompts, args.seed)
-    print(f"seed {args.seed}: {args.num_prompts} HumanEval + {args.num_prompts} ShareGPT prompts, "
-          f"{args.max_new_tokens} new tokens, {torch.get_num_threads()} threads, {base.model.dtype}")
+    prompts = humaneval_prompts(config.num_prompts, config.seed) + sharegpt_prompts(config.num_prompts, config.seed)
+    print(f"seed {config.seed}: {config.num_prompts} HumanEval + {config.num_prompts} ShareGPT prompts, "
+          f"{config.max_new_tokens} new tokens, {torch.get_num_threads()} threads, {base.model.dtype}")
     contenders = {name: Contender(name) for name in [HF_GREEDY, HF_LOOKUP, *methods]}
     warm = tokenizer("def warm_up():")["input_ids"]
     for engine in engines.values():
@@ -60,7 +77,7 @@ def run_spec_bench(args) -> dict:
     run_hf(hf, warm, 8, lookup=False)
     for p in tqdm(prompts, desc="prompts", unit="prompt"):
         ids = Prompt(text=p.text, messages=p.messages).token_ids(tokenizer)
-        n = args.max_new_tokens
+        n = config.max_new_tokens
         ref, elapsed, _ = run_ours(engines[OURS_NONE], ids, n)
         _record(contenders[OURS_NONE], p.category, n, elapsed, ref, ref, p.prompt_id)
         for name, lookup in ((HF_GREEDY, False), (HF_LOOKUP, True)):
@@ -70,9 +87,9 @@ def run_spec_bench(args) -> dict:
             out, elapsed, seq = run_ours(engines[m], ids, n)
             c = contenders[m]
             _record(c, p.category, n, elapsed, out, ref, p.prompt_id)
-            c.steps, c.accepted, c.drafted = c.steps + seq.decode_steps, c.accepted + seq.accepted_tokens, c.drafted + seq.drafted_tokens
-    report = _report(contenders, curve, args)
-    out_dir = Path(args.out)
+            c.steps, c.accepted, c.drafted = c.steps + seq.spec.decode_steps, c.accepted + seq.spec.accepted_tokens, c.drafted + seq.spec.drafted_tokens
+    report = _report(contenders, curve, config)
+    out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "spec_vs_hf.json").write_text(json.dumps(report, indent=2))
     if curve is not None:
@@ -94,7 +111,7 @@ def _ratio(a: Contender, b: Contender, category: str | None = None) -> float:
     return geomean([x / y for x, y in pairs])
 
 
-def _report(contenders: dict[str, Contender], curve, args) -> dict:
+def _report(contenders: dict[str, Contender], curve, config: SpecBenchConfig) -> dict:
     hf, lookup = contenders[HF_GREEDY], contenders[HF_LOOKUP]
     rows = {}
     print(f"\n{'contender':22s} {'tok/s':>7s} {'x HF gen':>9s} {'x HF PLD':>9s} {'code':>6s} {'chat':>6s} {'acc/step':>9s} mismatches")
@@ -115,9 +132,9 @@ def _report(contenders: dict[str, Contender], curve, args) -> dict:
         print(f"{name:22s} {row['tokens_per_s_geomean']:7.1f} {row['vs_hf_generate']:9.2f} {row['vs_hf_prompt_lookup']:9.2f} "
               f"{row['vs_hf_generate_code']:6.2f} {row['vs_hf_generate_chat']:6.2f} {acc:>9s} {len(c.mismatches)}")
     return {
-        "seed": args.seed,
-        "num_prompts_per_category": args.num_prompts,
-        "max_new_tokens": args.max_new_tokens,
+        "seed": config.seed,
+        "num_prompts_per_category": config.num_prompts,
+        "max_new_tokens": config.max_new_tokens,
         "threads": torch.get_num_threads(),
         "contenders": rows,
         "verify_latency_curve": None if curve is None else {"slots": curve.slots, "seconds": curve.seconds},

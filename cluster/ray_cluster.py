@@ -1,7 +1,9 @@
 """Ray bootstrap: an embedded local Ray sized to this machine, or joining an existing cluster.
 
-Every specserve process uses one fixed namespace, so a restarted scheduler finds its (detached,
-named) worker actors again by name.
+An embedded Ray is always a new one of this process (`address="local"`): never a cluster named by
+RAY_ADDRESS or by the `ray_current_cluster` file a `ray start` leaves in Ray's temp folder (stale
+once that cluster is gone). Every specserve process uses one fixed namespace, so a restarted
+scheduler finds its (detached, named) worker actors again by name.
 """
 
 import logging
@@ -50,7 +52,7 @@ def connect(config: RayConnectConfig = RayConnectConfig()) -> ClusterInfo:
                       log_to_driver=True)
         if config.address is None:
             embedded = True
-            ray.init(num_cpus=config.num_cpus or os.cpu_count() or 1, num_gpus=config.num_gpus,
+            ray.init(address="local", num_cpus=config.num_cpus or os.cpu_count() or 1, num_gpus=config.num_gpus,
                      object_store_memory=config.object_store_bytes, **common)
         else:
             common.pop("include_dashboard")  # a joining driver starts no dashboard

@@ -2,12 +2,23 @@
 
 Shapes: T flat query slots, B sequences, H query heads, Hkv key/value heads (GQA when
 H > Hkv), D head dim, Q / K the padded per-sequence query / key counts of a layout.
+
+The paged form runs in one of three `AttentionKernel`s (all exact; which is fastest depends on
+the CPU and torch build, so `workers/model/kernel_choice.py` times them).
 """
+
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 
 from .paged_layout import BatchLayout, PagedAttentionLayout
+
+
+class AttentionKernel(Enum):
+    SDPA = "sdpa"  # F.scaled_dot_product_attention with enable_gqa (each K/V head shared by its query group)
+    SDPA_EXPANDED = "sdpa_expanded"  # the same over K/V copied out to every query head
+    GROUPED = "grouped"  # two matmuls, each K/V head's query group folded into the rows: no K/V copy
 
 
 def attention_with_lse(
@@ -45,6 +56,7 @@ def paged_attention(
     v_cache: torch.Tensor,  # [num_slots, Hkv, D]
     layout: PagedAttentionLayout,
     scale: float,
+    kernel: AttentionKernel = AttentionKernel.SDPA,
 ) -> torch.Tensor:
     """Attention of each query slot over its own sequence's keys, as the layout's mask allows.
 
@@ -61,19 +73,43 @@ def paged_attention(
         k = k_cache[layout.kv_slots]  # (B, K, Hkv, D)
         v = v_cache[layout.kv_slots]
         qb = q[layout.q_index]  # (B, Q, H, D)
-    out = F.scaled_dot_product_attention(
-        qb.transpose(1, 2),  # (B, H, Q, D)
-        k.transpose(1, 2),  # (B, Hkv, K, D)
-        v.transpose(1, 2),
-        attn_mask=layout.mask,
-        is_causal=layout.causal,
-        scale=scale,
-        enable_gqa=True,
-    )  # (B, H, Q, D)
+    qb, k, v = qb.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, Q, D), (B, Hkv, K, D)
+    if kernel is AttentionKernel.GROUPED:
+        out = _grouped_attention(qb, k, v, layout.mask, layout.causal, scale)
+    else:
+        if kernel is AttentionKernel.SDPA_EXPANDED:
+            group = qb.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, K, D)
+        out = F.scaled_dot_product_attention(qb, k, v, attn_mask=layout.mask, is_causal=layout.causal, scale=scale,
+                                             enable_gqa=kernel is AttentionKernel.SDPA)  # (B, H, Q, D)
     out = out.transpose(1, 2).reshape(num_seqs * max_q, q.shape[1], q.shape[2])  # (B*Q, H, D)
     if layout.out_index is None:
         return out
     return out[layout.out_index]  # (T, H, D)
+
+
+def _grouped_attention(
+    q: torch.Tensor,  # [B, H, Q, D]
+    k: torch.Tensor,  # [B, Hkv, K, D]
+    v: torch.Tensor,  # [B, Hkv, K, D]
+    mask: torch.Tensor | None,  # [B, 1, Q, K] bool, True = may attend
+    causal: bool,  # only with mask None: causal over Q == K keys
+    scale: float,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v with query head h reading K/V head h // G (G = H / Hkv), the G
+    heads of a group stacked as rows of one matmul. Returns [B, H, Q, D] in q's dtype."""
+    batch, heads, num_q, dim = q.shape
+    kv_heads, num_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    rows = q.reshape(batch, kv_heads, group * num_q, dim)  # (B, Hkv, G*Q, D): head h = kv_head * G + g
+    scores = torch.matmul(rows, k.transpose(-1, -2)).float().view(batch, kv_heads, group, num_q, num_k)
+    scores *= scale  # (B, Hkv, G, Q, K)
+    if mask is None and causal:
+        mask = torch.ones(1, 1, num_q, num_k, dtype=torch.bool, device=q.device).tril()  # (1, 1, Q, K)
+    if mask is not None:
+        scores.masked_fill_(~mask.unsqueeze(2), float("-inf"))  # mask (B, 1, 1, Q, K)
+    probs = scores.softmax(dim=-1).to(v.dtype).view(batch, kv_heads, group * num_q, num_k)
+    return torch.matmul(probs, v).view(batch, heads, num_q, dim)  # (B, H, Q, D)
 
 
 def batched_paged_attention(
@@ -82,11 +118,12 @@ def batched_paged_attention(
     v_cache: torch.Tensor,
     layout: BatchLayout,
     scale: float,
+    kernel: AttentionKernel = AttentionKernel.SDPA,
 ) -> torch.Tensor:
     """paged_attention over each group of the layout; returns [T, H, D] in slot order."""
     if len(layout.groups) == 1 and layout.groups[0].slots is None:
-        return paged_attention(q, k_cache, v_cache, layout.groups[0].layout, scale)
+        return paged_attention(q, k_cache, v_cache, layout.groups[0].layout, scale, kernel)
     out = torch.empty_like(q)
     for group in layout.groups:
-        out[group.slots] = paged_attention(q[group.slots], k_cache, v_cache, group.layout, scale)
+        out[group.slots] = paged_attention(q[group.slots], k_cache, v_cache, group.layout, scale, kernel)
     return out

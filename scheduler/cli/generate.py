@@ -72,9 +72,9 @@ def run_prompt(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams,
         elapsed_s=seq.finish_time - start,
         finish_reason=seq.finish_reason.value,
         spec_method=engine.spec_method(seq),
-        spec_steps=seq.decode_steps,
-        drafted_tokens=seq.drafted_tokens,
-        accepted_tokens=seq.accepted_tokens,
+        spec_steps=seq.spec.decode_steps,
+        drafted_tokens=seq.spec.drafted_tokens,
+        accepted_tokens=seq.spec.accepted_tokens,
     )
 
 

@@ -1,10 +1,11 @@
-"""Routing of long prompts to a local prefill group (`specserve generate --prefill-workers N`).
+"""Routing of long prompts to a local prefill group (`specserve generate --prefill-group-size N`).
 
-A prompt with more than `threshold` tokens not already in the engine's prefix cache is prefilled
-sequence-parallel by N local worker processes (ring or Ulysses attention); its K/V goes to the
-engine as `prefix_kv`, so the engine computes only the last prompt token. When the group fails
-(a member died twice), the engine prefills that prompt itself: slower, never a failed request. The group is formed
-when the router is made (re-formed after a member dies) and kept until `close`.
+A prompt that the LongPromptPolicy (scheduler/long_prompt.py) wants, counting the tokens not
+already in the engine's prefix cache, is prefilled sequence-parallel by N local worker
+processes (ring or Ulysses attention); its K/V goes to the engine as `prefix_kv`, so the engine
+computes only the last prompt token. When the group fails (a member died twice), the engine
+prefills that prompt itself: slower, never a failed request. The group is formed when the
+router is made (re-formed after a member dies) and kept until `close`.
 """
 
 import sys
@@ -15,18 +16,18 @@ from specserve.workers.engine.llm_engine import LLMEngine
 from specserve.workers.engine.kv_prefix import PrefixKV
 from specserve.workers.model.sequence_parallel import CheckpointModel, PrefillProgram, SequenceParallelMode
 
+from specserve.scheduler.long_prompt import LongPromptPolicy
+
 
 @dataclass(frozen=True)
 class LongPrefillConfig:
     workers: int = 1  # prefill group size; 1 = off (the engine prefills every prompt itself)
     mode: SequenceParallelMode = SequenceParallelMode.RING
-    threshold: int = 4096  # prompts with more uncached tokens than this use the group
+    policy: LongPromptPolicy = LongPromptPolicy()  # which prompts use the group
 
     def __post_init__(self):
         if self.workers < 1:
-            raise ValueError(f"--prefill-workers must be >= 1, got {self.workers}")
-        if self.threshold < 1:
-            raise ValueError(f"--long-prompt-threshold must be >= 1, got {self.threshold}")
+            raise ValueError(f"--prefill-group-size must be >= 1, got {self.workers}")
 
     @property
     def enabled(self) -> bool:
@@ -68,12 +69,13 @@ class LongPrefillRouter:
 
     def prefix_kv(self, prompt_ids: list[int], cache_salt: str = "") -> PrefixKV | None:
         """None when the engine should prefill itself (it then asks the shared cache as usual);
-        the shared cache's blocks when they leave at most `threshold` tokens to compute; else the
+        the shared cache's blocks when they leave a prompt the policy does not want; else the
         group's K/V of the whole prompt (the group does not start from cached K/V)."""
-        if not self.config.enabled or self.uncached_tokens(prompt_ids, cache_salt) <= self.config.threshold:
+        policy = self.config.policy
+        if not self.config.enabled or not policy.wants(self.uncached_tokens(prompt_ids, cache_salt)):
             return None
         shared = self.engine.lookup_shared_prefix(prompt_ids, cache_salt)  # Redis (L2), past what L1 holds
-        if shared is not None and len(prompt_ids) - shared.end <= self.config.threshold:
+        if shared is not None and not policy.wants(len(prompt_ids) - shared.end):
             return shared
         try:
             kv = self.group.run(prompt_ids)[0]  # a dead member is retried once on a re-formed group

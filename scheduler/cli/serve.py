@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from specserve.workers.model.loader import load_engine
+from specserve.workers.model.loader import LoadOptions, load_engine
 
 from specserve.scheduler.ray.start import RayServeOptions, served_model_from, start_backend, stop_backend
 from specserve.scheduler.server.grpc_server import ServerConfig, SpecServer
@@ -16,13 +16,15 @@ def server_config(args) -> ServerConfig:
         host=args.host, port=args.port, token=args.token or None, tls_cert=args.tls_cert, tls_key=args.tls_key,
         allow_unauthenticated=args.allow_unauthenticated, max_queued=args.max_queued, replicas=args.replicas,
         metrics_port=None if args.no_metrics else args.metrics_port, shutdown_grace_s=args.shutdown_grace_s,
+        http_port=None if args.no_http else args.http_port,
     )
 
 
-def serve(config: ServerConfig, model: str, engine_options: dict, ray_options: RayServeOptions | None = None) -> None:
+def serve(config: ServerConfig, model: str, load_options: LoadOptions,
+          ray_options: RayServeOptions | None = None) -> None:
     """ray_options: run the engines in Ray worker actors (None: in this process). Does not return:
     after a graceful shutdown the process exits at once with status 0."""
-    asyncio.run(_serve(config, model, engine_options, ray_options))
+    asyncio.run(_serve(config, model, load_options, ray_options))
     # Everything is closed by now. The interpreter's own teardown then races Ray's and gRPC's C++
     # threads and aborted (SIGABRT, 2 of 3 SIGTERMs on this machine) after a clean shutdown, so
     # a deployment would have seen a crash; leave without it.
@@ -35,7 +37,7 @@ def _say(message: str) -> None:
     print(f"specserve: {message}", file=sys.stderr, flush=True)
 
 
-async def _serve(config: ServerConfig, model: str, engine_options: dict,
+async def _serve(config: ServerConfig, model: str, load_options: LoadOptions,
                  ray_options: RayServeOptions | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -44,15 +46,17 @@ async def _serve(config: ServerConfig, model: str, engine_options: dict,
     server = SpecServer(config)
     port = await server.start()
     scheme = "TLS" if config.tls_cert else "plaintext"
-    _say(f"listening on {config.host}:{port} ({scheme}, auth {'on' if config.token else 'off'}); loading {model}")
+    http = f", OpenAI HTTP API on {config.host}:{server.http_port}" if server.http_port else ""
+    _say(f"listening on {config.host}:{port} ({scheme}, auth {'on' if config.token else 'off'}{http}); "
+         f"loading {model}")
     try:
         if ray_options is None:
-            loaded = await asyncio.to_thread(load_engine, model, **engine_options)
+            loaded = await asyncio.to_thread(load_engine, model, load_options)
             await server.attach(loaded, model)
         else:
             where = ray_options.address or "an embedded local Ray"
             _say(f"starting workers on {where}")
-            backend = await asyncio.to_thread(start_backend, ray_options, model, engine_options)
+            backend = await asyncio.to_thread(start_backend, ray_options, model, load_options)
             info = backend.info
             await server.attach_loops(backend.loops, served_model_from(info, model), info.fingerprint,
                                       info.block_size, on_shutdown=lambda: stop_backend(backend))

@@ -18,6 +18,8 @@ from specserve.cluster.ray_cluster import NAMESPACE, ClusterInfo
 from specserve.workers.model.sequence_parallel import SequenceParallelMode
 from specserve.workers.actors.worker_model import WorkerModel
 
+from specserve.scheduler.long_prompt import LongPromptPolicy
+
 log = logging.getLogger("specserve.ray_prefill_group")
 
 
@@ -26,7 +28,7 @@ class PrefillGroupConfig:
     name: str  # actor names: <name>-prefill-group-g<formation>-r<rank>, in the specserve namespace
     world_size: int = 2
     mode: SequenceParallelMode = SequenceParallelMode.RING
-    threshold: int = 4096  # prompts of at least this many tokens are prefilled by the group
+    threshold: int = 4096  # LongPromptPolicy's: prompts of more than this many tokens are prefilled by the group
     role: RoleSpec = RoleSpec(replicas=1, num_cpus=0.5)  # per rank (replicas is unused)
     timeout_s: float = 60.0  # join and collective limit (a dead member is noticed after at most this)
     ready_timeout_s: float = 900.0  # actor start (model load) limit
@@ -34,8 +36,7 @@ class PrefillGroupConfig:
     def __post_init__(self):
         if self.world_size < 2:
             raise ValueError(f"a prefill group needs world_size >= 2, got {self.world_size}")
-        if self.threshold < 2:
-            raise ValueError(f"long prompt threshold must be >= 2, got {self.threshold}")
+        LongPromptPolicy(self.threshold)  # validates it
         if self.timeout_s <= 0 or self.ready_timeout_s <= 0:
             raise ValueError(f"timeouts must be > 0, got {self.timeout_s}, {self.ready_timeout_s}")
 
@@ -78,7 +79,8 @@ class RayPrefillGroup:
         log.info("prefill group %d formed: %d ranks at %s (%s)", g, c.world_size, rendezvous.url, c.mode.value)
 
     def wants(self, prompt_ids: list[int]) -> bool:
-        return len(prompt_ids) >= self.config.threshold
+        """The scheduler cannot see a verify worker's prefix cache: every prompt token counts as uncached."""
+        return LongPromptPolicy(self.config.threshold).wants(len(prompt_ids))
 
     async def prefill(self, prompt_ids: list[int]) -> list | None:
         """[ObjectRef] of rank 0's PrefixKV of prompt_ids[:-1] once every rank finished, or None

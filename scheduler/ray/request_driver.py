@@ -1,79 +1,131 @@
-"""One request streamed from a VerifyWorker, across resubmissions after worker deaths.
+"""Drives each request through verify workers to its end: attempt, and after a lost worker,
+resubmit. Runs every request as a task on the backend's one asyncio loop thread.
 
-Everything delivered is kept (`seq.output_ids`): a resubmission sends the prompt + those tokens
-and asks for what is left, so nothing is lost or delivered twice. The step counters of each
-attempt are summed into what the servicer reports.
+An attempt: the prompt's K/V from the PrefillRouter (ObjectRefs), then the replica's
+VerifyWorker.generate stream (a Ray streaming generator of StreamChunk lists), each chunk
+absorbed into the request and delivered. When the worker dies mid-request, or sends nothing for
+`stall_timeout_s`, the request is resubmitted with its prompt + every token already delivered
+and max_new_tokens reduced by as many: to the same replica once Ray restarted it, else to the
+least loaded other live replica, else to a replacement actor under the lost one's name. Greedy
+output is identical; after `max_resubmits` the request ends with a clear error.
 """
 
 import asyncio
-import dataclasses
-from dataclasses import dataclass, field
+import concurrent.futures
+import logging
 
-from specserve.workers.actors.messages import StreamChunk, VerifyRequest
-from specserve.workers.engine.llm_engine import RequestOutput
-from specserve.workers.engine.engine_loop import OutputCallback
-from specserve.workers.engine.sequence import SamplingParams
+from specserve.workers.actors.messages import StreamChunk
+from specserve.workers.engine.sequence import FinishReason
 
+from specserve.scheduler.ray.actor_pool import ActorPool, VerifyReplica
+from specserve.scheduler.ray.prefill_router import PrefillRouter
+from specserve.scheduler.ray.remote_request import RemoteRequest, WorkerLost
+
+log = logging.getLogger("specserve.request_driver")
 MAX_UNSTARTED_RETRIES = 10  # submissions to a worker that was restarting, per request
 
 
-@dataclass
-class SeqView:
-    """What the servicer reads of a finished request's `seq`, summed over its attempts."""
+class RequestDriver:
+    def __init__(self, event_loop: asyncio.AbstractEventLoop, pool: ActorPool, prefill: PrefillRouter,
+                 stall_timeout_s: float, max_resubmits: int):
+        self._aio, self._pool, self._prefill = event_loop, pool, prefill
+        self.stall_timeout_s, self.max_resubmits = stall_timeout_s, max_resubmits
+        self._active: set[RemoteRequest] = set()  # being driven (touched on the loop thread only)
+        self.resubmits = 0  # requests resubmitted after a verify worker was lost
 
-    prompt_ids: list[int]
-    output_ids: list[int] = field(default_factory=list)
-    cached_tokens: int = 0
-    decode_steps: int = 0
-    spec_steps: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
+    def start(self, req: RemoteRequest) -> concurrent.futures.Future:
+        """Drives req from any thread; the future is done once its last output was delivered."""
+        return asyncio.run_coroutine_threadsafe(self._drive(req), self._aio)
 
+    def cancel(self, req: RemoteRequest) -> None:
+        """Aborts req at its worker's next step boundary (thread-safe)."""
+        req.cancelled = True
+        try:
+            req.replica.handle.cancel.remote(req.request_id)
+        except Exception:  # noqa: BLE001 - a dead worker: the request ends as lost, then aborted
+            pass
 
-@dataclass
-class RemoteRequest:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    cache_salt: str
-    on_output: OutputCallback
-    seq: SeqView
-    base: dict = field(default_factory=dict)  # counters of finished attempts
-    last: StreamChunk | None = None  # the last chunk of this attempt
-    attempts: int = 0  # resubmissions after a worker was lost mid-request
-    unstarted: int = 0  # submissions to a worker that was unavailable (restarting)
-    cancelled: bool = False
-    done: bool = False
-    task: asyncio.Task | None = None
+    def abandon(self, req: RemoteRequest) -> None:
+        """Ends req here without waiting for its worker (one that does not answer a cancel)."""
+        if req.task is not None:
+            self._aio.call_soon_threadsafe(req.task.cancel)
+        req.finish(FinishReason.ABORT)
 
-    def next_request(self) -> VerifyRequest:
-        """The prompt and every token delivered so far; the tokens still to generate."""
-        left = self.params.max_new_tokens - len(self.seq.output_ids)
-        params = dataclasses.replace(self.params, max_new_tokens=left)
-        return VerifyRequest(self.request_id, self.prompt_ids + self.seq.output_ids, params, self.cache_salt)
+    async def _drive(self, req: RemoteRequest) -> None:
+        req.task = asyncio.current_task()
+        self._active.add(req)
+        try:
+            while True:
+                try:
+                    await self._attempt(req)
+                    return
+                except WorkerLost as e:
+                    req.end_attempt(e.started)
+                    if req.cancelled:
+                        req.finish(FinishReason.ABORT)
+                        return
+                    if len(req.seq.output_ids) >= req.params.max_new_tokens:  # lost only its last message
+                        req.finish(FinishReason.LENGTH)
+                        return
+                    if req.attempts > self.max_resubmits or req.unstarted > MAX_UNSTARTED_RETRIES:
+                        raise RuntimeError(f"verify worker lost {req.attempts} times ({e}); giving up after "
+                                           f"{len(req.seq.output_ids)} tokens") from None
+                    log.warning("request %s: %s; resubmitting after %d tokens", req.request_id, e,
+                                len(req.seq.output_ids))
+                    req.replica = await self._replacement(req.replica)
+                    self.resubmits += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the request ends with this error, the server goes on
+            req.deliver(e if isinstance(e, (ValueError, RuntimeError)) else RuntimeError(str(e)))
+        finally:
+            self._active.discard(req)
+            req.finish(FinishReason.ABORT)  # nothing if it ended already
 
-    def end_attempt(self) -> None:
-        if self.last is not None:
-            for f in ("decode_steps", "spec_steps", "drafted_tokens", "accepted_tokens"):
-                self.base[f] = self.base.get(f, 0) + getattr(self.last, f)
-            self.base.setdefault("cached_tokens", self.last.cached_tokens)
-        self.last = None
+    async def _attempt(self, req: RemoteRequest) -> None:
+        """One submission to one worker; returns when the request ended, raises WorkerLost."""
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-    def absorb(self, chunk: StreamChunk) -> RequestOutput:
-        self.last = chunk
-        self.seq.output_ids.extend(chunk.new_token_ids)
-        s, b = self.seq, self.base
-        s.cached_tokens = b.get("cached_tokens", chunk.cached_tokens)
-        for f in ("decode_steps", "spec_steps", "drafted_tokens", "accepted_tokens"):
-            setattr(s, f, b.get(f, 0) + getattr(chunk, f))
-        return RequestOutput(self.request_id, chunk.new_token_ids, chunk.new_text, chunk.finished,
-                             chunk.finish_reason, s)
+        request = req.next_request()
+        handoff = await self._prefill.handoff(request.prompt_ids)
+        handle = req.replica.handle
+        started = False
+        try:
+            stream = handle.generate.options(num_returns="streaming").remote(request, handoff.prefix,
+                                                                             handoff.draft_prefix)
+            while True:
+                try:
+                    ref = await asyncio.wait_for(stream.__anext__(), self.stall_timeout_s)
+                except StopAsyncIteration:
+                    raise WorkerLost("the worker's stream ended before the request did") from None
+                chunks: list[StreamChunk] = await ref
+                started = True
+                for chunk in chunks:
+                    if chunk.error is not None:
+                        raise (ValueError if chunk.invalid else RuntimeError)(chunk.error)
+                    out = req.absorb(chunk)
+                    if out.new_token_ids or out.finished:
+                        req.deliver(out)
+                    if chunk.finished:
+                        return
+        except asyncio.TimeoutError:
+            handle.cancel.remote(req.request_id)
+            raise WorkerLost(f"no output for {self.stall_timeout_s:g} s") from None
+        except RayTaskError as e:
+            if isinstance(e, RayActorError):
+                raise WorkerLost(f"worker died: {type(e).__name__}", started) from None
+            raise RuntimeError(f"verify worker failed: {e}") from None
+        except ActorUnavailableError as e:
+            raise WorkerLost(f"worker unavailable: {type(e).__name__}", started) from None
+        except RayActorError as e:
+            raise WorkerLost(f"worker died: {type(e).__name__}", started) from None
 
-
-class WorkerLost(RuntimeError):
-    """The verify worker serving a request died or stopped answering. started: it had taken the
-    request (sent a chunk); a worker that was unavailable before that emitted nothing for it."""
-
-    def __init__(self, message: str, started: bool = True):
-        super().__init__(message)
-        self.started = started
+    async def _replacement(self, lost: VerifyReplica) -> VerifyReplica:
+        """The replica to resubmit to: the lost one once Ray restarted it, else the least loaded
+        other live one, else the lost one with a new actor."""
+        if await self._pool.answers(lost):
+            return lost
+        others = [r for r in self._pool.replicas if r is not lost and r.alive]
+        if others:
+            return min(others, key=lambda r: sum(req.replica is r for req in self._active))
+        return await self._pool.revive(lost)

@@ -10,8 +10,10 @@ from specserve.workers.actors.messages import WorkerInfo
 from specserve.workers.model.sequence_parallel import SequenceParallelMode
 from specserve.workers.spec.methods import SpecMethod
 from specserve.workers.actors.worker_model import WorkerModel
+from specserve.workers.model.loader import LoadOptions
 
-from specserve.scheduler.ray.backend import RayBackend, RayBackendConfig
+from specserve.scheduler.ray.backend import RayBackend
+from specserve.scheduler.ray.config import RayBackendConfig
 from specserve.scheduler.server.validation import ServedModel
 
 
@@ -52,9 +54,9 @@ def embedded_cpus(config: RayBackendConfig, uses_draft: bool) -> int:
     return max(os.cpu_count() or 1, math.ceil(wanted))
 
 
-def start_backend(options: RayServeOptions, model: str, engine_options: dict) -> RayBackend:
+def start_backend(options: RayServeOptions, model: str, load_options: LoadOptions) -> RayBackend:
     """Connects to Ray and starts (or finds again) every worker; blocks until they are ready."""
-    worker_model = WorkerModel(model, {k: v for k, v in engine_options.items() if k != "progress"})
+    worker_model = WorkerModel(model, load_options)
     cpus = embedded_cpus(options.backend, worker_model.uses_model_drafter) if options.address is None else None
     cluster: ClusterInfo = connect(RayConnectConfig(address=options.address, num_cpus=cpus))
     backend = RayBackend(options.backend, worker_model, cluster)

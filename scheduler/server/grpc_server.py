@@ -1,8 +1,12 @@
 """The gRPC server: Generation service, health, reflection, auth, TLS, metrics, graceful shutdown.
 
 The server listens before the model is loaded: health answers NOT_SERVING and Generate
-UNAVAILABLE until `attach` hands it a ready engine. Shutdown stops admitting, lets requests in
-flight finish for a grace period, aborts the rest, then stops the server.
+UNAVAILABLE until `attach` hands it a ready engine. Once serving, health follows the engine
+loops (polled every health_poll_s): SERVING while at least one is healthy (e.g. a Ray verify
+worker answers), NOT_SERVING while none is. Shutdown stops admitting, lets requests in flight
+finish for a grace period, aborts the rest, then stops the server. With http_port set, the
+OpenAI-compatible HTTP API (openai_api.py) listens beside gRPC on the same asyncio loop, with
+the same servicer, auth token and TLS files, and follows the same health.
 """
 
 import asyncio
@@ -20,12 +24,14 @@ from grpc_reflection.v1alpha import reflection
 
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
-from specserve.workers.engine.engine_loop import EngineLoop
+from specserve.workers.engine.engine_loop import DEFAULT_STALL_TIMEOUT_S, EngineLoop, EngineLoopLike
 from specserve.workers.model.loader import LoadedModel
 from specserve.workers.spec.methods import SpecMethod
 
 from specserve.scheduler.server.auth import BearerTokenInterceptor, is_loopback
+from specserve.scheduler.server.http_server import HttpServer
 from specserve.scheduler.server.metrics import ServerMetrics
+from specserve.scheduler.server.openai_api import create_app
 from specserve.scheduler.server.router import Router
 from specserve.scheduler.server.servicer import GenerationServicer
 from specserve.scheduler.server.validation import ServedModel
@@ -46,10 +52,14 @@ class ServerConfig:
     replicas: int = 1  # engines in this process sharing the weights, each with its own KV pool
     metrics_port: int | None = 9464  # Prometheus /metrics (0: a free port, None: off)
     shutdown_grace_s: float = 30.0  # how long requests in flight may finish on shutdown
+    health_poll_s: float = 0.5  # how often health is recomputed from the engine loops
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # an engine loop with requests and no progress this long is unhealthy
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (0: a free port, None: off; the CLI's default 8000)
 
     def __post_init__(self):
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        for name, port in (("port", self.port), ("http_port", self.http_port)):
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in 0..65535, got {port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         for path in (self.tls_cert, self.tls_key):
@@ -64,6 +74,10 @@ class ServerConfig:
             raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.health_poll_s <= 0:
+            raise ValueError(f"health_poll_s must be > 0, got {self.health_poll_s}")
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
 
 
 def served_model(loaded: LoadedModel, name: str) -> ServedModel:
@@ -84,10 +98,13 @@ class SpecServer:
         self._server: grpc.aio.Server | None = None  # made in start(), on the serving event loop
         self._health = health_aio.HealthServicer()
         self._servicer = GenerationServicer()
-        self.loops: list[EngineLoop] = []
+        self.loops: list[EngineLoopLike] = []
         self._on_shutdown: Callable[[], None] | None = None
+        self._health_watch: asyncio.Task | None = None
         self.metrics: ServerMetrics | None = None
-        self.port = self.metrics_port = None
+        self.port = self.metrics_port = self.http_port = None
+        self._http: HttpServer | None = None
+        self.serving = False  # health is SERVING
 
     async def start(self) -> int:
         """Listens (health NOT_SERVING until attach); returns the port."""
@@ -109,21 +126,32 @@ class SpecServer:
         except RuntimeError as e:
             raise ValueError(f"cannot listen on {address} (in use, or not an address of this machine): {e}") from None
         await self._server.start()
+        if self.config.http_port is not None:
+            await self._start_http()
         return self.port
+
+    async def _start_http(self) -> None:
+        app = create_app(self._servicer, lambda: self.serving, self.config.token)
+        self._http = HttpServer(app, self.config.host, self.config.http_port, self.config.tls_cert, self.config.tls_key)
+        try:
+            self.http_port = await self._http.start()
+        except Exception:
+            await self._server.stop(grace=None)
+            raise
 
     async def attach(self, loaded: LoadedModel, name: str) -> None:
         """Starts serving `loaded` (and config.replicas - 1 more engines over its weights): the
         engine loops run, health turns SERVING."""
         engine = loaded.engine
         engines = [engine] + [engine.replica() for _ in range(self.config.replicas - 1)]
-        loops = [EngineLoop(e, self.config.max_queued).start() for e in engines]
+        loops = [EngineLoop(e, self.config.max_queued, self.config.stall_timeout_s).start() for e in engines]
         await self.attach_loops(loops, served_model(loaded, name), loaded.source.fingerprint, engine.config.block_size)
 
-    async def attach_loops(self, loops: list, model: ServedModel, fingerprint: str, block_size: int,
+    async def attach_loops(self, loops: list[EngineLoopLike], model: ServedModel, fingerprint: str, block_size: int,
                            on_shutdown: Callable[[], None] | None = None) -> None:
         """Starts serving engine loops that are already running (in-process EngineLoops, or
-        RemoteEngineLoops of Ray verify workers); health turns SERVING. on_shutdown runs (on a
-        thread) after the loops stopped."""
+        RemoteEngineLoops of Ray verify workers); health turns SERVING and then follows the loops.
+        on_shutdown runs (on a thread) after the loops stopped."""
         self.loops, self._on_shutdown = loops, on_shutdown
         self.metrics = ServerMetrics(self._servicer.stats)
         if self.config.metrics_port is not None:
@@ -131,9 +159,24 @@ class SpecServer:
         router = Router(len(self.loops), block_size=block_size)
         self._servicer.attach(self.loops, model, fingerprint, self.metrics, router)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._health_watch = asyncio.create_task(self._watch_health())
+
+    async def _watch_health(self) -> None:
+        serving = True
+        while True:
+            await asyncio.sleep(self.config.health_poll_s)
+            healthy = any(loop.healthy() for loop in self.loops)
+            if healthy != serving:
+                serving = healthy
+                log.warning("health: %s (%d of %d engine loops healthy)", "SERVING" if healthy else "NOT_SERVING",
+                            sum(loop.healthy() for loop in self.loops), len(self.loops))
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING if healthy
+                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def shutdown(self) -> None:
         """Graceful: stop admitting, wait up to shutdown_grace_s for requests in flight, abort the rest."""
+        if self._health_watch is not None:
+            self._health_watch.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         for loop in self.loops:
             loop.close()
@@ -145,6 +188,8 @@ class SpecServer:
         if self._on_shutdown is not None:
             await asyncio.to_thread(self._on_shutdown)
         await self._server.stop(grace=1.0)
+        if self._http is not None:
+            await self._http.stop()
         if self.metrics is not None:
             self.metrics.close()
 
@@ -152,6 +197,7 @@ class SpecServer:
         await self._server.wait_for_termination()
 
     async def _set_health(self, status) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
         for service in ("", SERVICE):
             await self._health.set(service, status)
 
@@ -165,11 +211,12 @@ class ServerThread:
         self._thread.start()
         self.server = SpecServer(config)
         self.port = self._call(self.server.start())
+        self.http_port = self.server.http_port
 
     def attach(self, loaded: LoadedModel, name: str) -> None:
         self._call(self.server.attach(loaded, name))
 
-    def attach_loops(self, loops: list, model: ServedModel, fingerprint: str, block_size: int,
+    def attach_loops(self, loops: list[EngineLoopLike], model: ServedModel, fingerprint: str, block_size: int,
                      on_shutdown: Callable[[], None] | None = None) -> None:
         self._call(self.server.attach_loops(loops, model, fingerprint, block_size, on_shutdown))
 

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from collections.abc import Callable
+from operator import attrgetter
 
 from specserve.workers.engine.engine_loop import LoopStats
 
@@ -30,9 +31,9 @@ class _LoopCollector:
         "generation_tokens": ("generation_tokens", "Generated tokens of finished requests."),
         "prefix_cache_queries": ("prompt_tokens", "Prompt tokens looked up in the prefix cache."),
         "prefix_cache_hits": ("cached_tokens", "Prompt tokens found in the prefix cache."),
-        "spec_decode_num_drafts": ("spec_steps", "Verify steps over draft trees."),
-        "spec_decode_num_draft_tokens": ("drafted_tokens", "Draft tokens verified."),
-        "spec_decode_num_accepted_tokens": ("accepted_tokens", "Draft tokens accepted."),
+        "spec_decode_num_drafts": ("spec.spec_steps", "Verify steps over draft trees."),
+        "spec_decode_num_draft_tokens": ("spec.drafted_tokens", "Draft tokens verified."),
+        "spec_decode_num_accepted_tokens": ("spec.accepted_tokens", "Draft tokens accepted."),
     }
 
     def __init__(self, stats: Callable[[], LoopStats]):
@@ -43,7 +44,7 @@ class _LoopCollector:
         for name, (attr, doc) in self.GAUGES.items():
             yield GaugeMetricFamily(f"specserve:{name}", doc, value=getattr(stats, attr))
         for name, (attr, doc) in self.COUNTERS.items():
-            yield CounterMetricFamily(f"specserve:{name}", doc, value=getattr(stats, attr))
+            yield CounterMetricFamily(f"specserve:{name}", doc, value=attrgetter(attr)(stats))
 
 
 class ServerMetrics:

@@ -3,12 +3,15 @@
 A replica that recently served a prompt with the same leading blocks likely still holds their
 KV (the prefix cache), so a request goes back to it unless that replica has more than `slack`
 requests in flight beyond the least loaded one; otherwise to the least loaded replica. The
-affinity table maps chained hashes of a prompt's first blocks to the replica that last took
-them, longest match first, with the oldest entries dropped past `max_entries`.
+affinity table maps the prefix cache's chained keys of a prompt's first blocks
+(cluster/prefix_cache/block_hash.py, with the request's cache salt, so two salts never share
+affinity, as they never share cached blocks) to the replica that last took them, longest match
+first, with the oldest entries dropped past `max_entries`.
 """
 
-import hashlib
 from collections import OrderedDict
+
+from specserve.cluster.prefix_cache.block_hash import prefix_block_hashes
 
 
 class Router:
@@ -22,22 +25,17 @@ class Router:
         self.slack, self.max_entries = slack, max_entries
         self._affinity: OrderedDict[bytes, int] = OrderedDict()
 
-    def prefix_keys(self, prompt_ids: list[int]) -> list[bytes]:
-        """Chained SHA-256 keys of the prompt's first full blocks (at most max_blocks)."""
-        keys, digest = [], b""
-        full = min(len(prompt_ids) // self.block_size, self.max_blocks)
-        for b in range(full):
-            block = prompt_ids[b * self.block_size : (b + 1) * self.block_size]
-            digest = hashlib.sha256(digest + b",".join(str(t).encode() for t in block)).digest()
-            keys.append(digest)
-        return keys
+    def prefix_keys(self, prompt_ids: list[int], cache_salt: str = "") -> list[bytes]:
+        """The prefix cache's chained keys of the prompt's first full blocks (at most max_blocks)."""
+        hashes = prefix_block_hashes(prompt_ids, self.block_size, (cache_salt,), max_blocks=self.max_blocks)
+        return [h.digest for h in hashes]
 
-    def choose(self, prompt_ids: list[int], loads: list[int]) -> int:
+    def choose(self, prompt_ids: list[int], loads: list[int], cache_salt: str = "") -> int:
         """The replica for a prompt, given each replica's requests in flight."""
         if len(loads) != self.num_replicas:
             raise ValueError(f"need {self.num_replicas} loads, got {len(loads)}")
         least = min(range(self.num_replicas), key=lambda r: loads[r])
-        keys = self.prefix_keys(prompt_ids)
+        keys = self.prefix_keys(prompt_ids, cache_salt)
         chosen = least
         for key in reversed(keys):  # longest known prefix first
             replica = self._affinity.get(key)

@@ -7,7 +7,8 @@ import grpc
 
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
-from specserve.workers.engine.engine_loop import EngineLoop, LoopStats, LoopStoppedError, QueueFullError, combine_stats
+from specserve.workers.engine.engine_loop import (EngineLoopLike, LoopStats, LoopStoppedError, QueueFullError,
+                                                  combine_stats)
 from specserve.workers.engine.sequence import FinishReason
 
 from specserve.scheduler.server.metrics import ServerMetrics
@@ -25,10 +26,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     """Answers UNAVAILABLE until `attach` gives it running engine loops (one per replica)."""
 
     def __init__(self):
-        self.loops: list[EngineLoop] = []
+        self.loops: list[EngineLoopLike] = []
         self._request_ids: set[str] = set()  # in flight on any replica
 
-    def attach(self, loops: list[EngineLoop], model: ServedModel, fingerprint: str, metrics: ServerMetrics,
+    def attach(self, loops: list[EngineLoopLike], model: ServedModel, fingerprint: str, metrics: ServerMetrics,
                router: Router) -> None:
         self.model, self.fingerprint, self.metrics, self.router = model, fingerprint, metrics, router
         self.loops = loops
@@ -40,10 +41,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if not self.loops:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is starting: the model is loading")
 
-    def _pick(self, prompt_ids: list[int]) -> EngineLoop:
+    def _pick(self, prompt_ids: list[int], cache_salt: str) -> EngineLoopLike:
         """The router's replica if it has room, else the least loaded one that has."""
         loads = [loop.in_flight() for loop in self.loops]
-        chosen = self.router.choose(prompt_ids, loads)
+        chosen = self.router.choose(prompt_ids, loads, cache_salt)
         order = [chosen] + sorted((r for r in range(len(self.loops)) if r != chosen), key=lambda r: loads[r])
         return next((self.loops[r] for r in order if self.loops[r].has_room()), self.loops[chosen])
 
@@ -55,7 +56,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if req.request_id in self._request_ids:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {req.request_id!r} is already in flight")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request_id: {req.request_id!r} is already in flight (must be unique among them)")
         outputs: asyncio.Queue = asyncio.Queue()
         event_loop = asyncio.get_running_loop()
 
@@ -63,13 +65,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if not event_loop.is_closed():
                 event_loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-        loop = self._pick(req.prompt_ids)
+        loop = self._pick(req.prompt_ids, req.cache_salt)
         try:
             loop.submit(req.prompt_ids, req.params, req.request_id, receive, req.cache_salt)
         except QueueFullError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {e}; retry later")
         except LoopStoppedError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except ValueError:  # an earlier request of this id was cancelled; the loop has not ended it yet
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request_id: {req.request_id!r} is still in flight (must be unique among them)")
         self._request_ids.add(req.request_id)
         finished = False
         try:
@@ -109,9 +114,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             response.finish_reason = FINISH_REASONS[item.finish_reason]
             response.usage.CopyFrom(pb.Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
                                              cached_tokens=seq.cached_tokens))
-            response.spec.CopyFrom(pb.SpecStats(method=spec_method, steps=seq.decode_steps,
-                                                drafted_tokens=seq.drafted_tokens,
-                                                accepted_tokens=seq.accepted_tokens))
+            response.spec.CopyFrom(pb.SpecStats(method=spec_method, steps=seq.spec.decode_steps,
+                                                drafted_tokens=seq.spec.drafted_tokens,
+                                                accepted_tokens=seq.spec.accepted_tokens))
         return response
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
@@ -128,6 +133,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.Stats(queued_requests=s.queued, running_requests=s.running, max_queued_requests=s.max_queued,
                         finished_requests=s.finished, rejected_requests=s.rejected, prompt_tokens=s.prompt_tokens,
                         generation_tokens=s.generation_tokens, prefix_cache_queries=s.prompt_tokens,
-                        prefix_cache_hits=s.cached_tokens, spec_steps=s.spec_steps,
-                        spec_drafted_tokens=s.drafted_tokens, spec_accepted_tokens=s.accepted_tokens,
+                        prefix_cache_hits=s.cached_tokens, spec_steps=s.spec.spec_steps,
+                        spec_drafted_tokens=s.spec.drafted_tokens, spec_accepted_tokens=s.spec.accepted_tokens,
                         kv_blocks_total=s.kv_blocks_total, kv_blocks_free=s.kv_blocks_free)

@@ -1,4 +1,17 @@
-"""GenerateRequest -> what the engine runs, or an InvalidRequest naming the field and the limit."""
+"""GenerateRequest -> what the engine runs, or an InvalidRequest naming the field and the limit.
+
+Sampling fields, edges included (what the engine gets):
+- temperature: a finite number >= 0 (NaN and inf are INVALID_ARGUMENT); 0 or unset is greedy.
+  At or below MIN_TEMPERATURE (1e-5) the request is served greedy (temperature 0), as vLLM does: such
+  a temperature only tells apart logits closer than about 1e-4, and greedy decoding is
+  deterministic and verifies drafts by argmax. Any larger finite value is sampled as given: a
+  huge one (up to 3.4e38, float's largest) is uniform over the tokens top_k / top_p keep.
+- top_p: in (0, 1] (NaN is INVALID_ARGUMENT); a tiny one keeps the single likeliest token.
+- top_k: 0 (unset) or any value >= the vocabulary size means no limit.
+- seed: any uint64.
+The engine itself stays safe past these rules (workers/engine/sampler.py): any finite temperature
+> 0 gives a distribution, and a request whose logits are not finite fails alone.
+"""
 
 import math
 import uuid
@@ -12,6 +25,7 @@ from specserve.scheduler.prompts import Prompt, PromptError
 DEFAULT_MAX_TOKENS = 128
 MAX_STOP_STRINGS = 16
 MAX_ID_CHARS = 128  # request_id and cache_salt
+MIN_TEMPERATURE = 1e-5  # this temperature or a lower one is served greedy
 
 
 class InvalidRequest(ValueError):
@@ -66,6 +80,8 @@ def validate(request: pb.GenerateRequest, model: ServedModel) -> ValidRequest:
     temperature = request.temperature if request.HasField("temperature") else 0.0
     if not temperature >= 0 or math.isinf(temperature):
         raise InvalidRequest("temperature", f"must be a finite number >= 0, got {temperature}")
+    if temperature <= MIN_TEMPERATURE:  # float32's 1e-5 is a little below 1e-5
+        temperature = 0.0  # greedy (module docstring)
     top_p = request.top_p if request.HasField("top_p") else 1.0
     if not 0 < top_p <= 1:
         raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p}")

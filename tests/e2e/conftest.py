@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from specserve.workers.model.loader import load_engine
+from specserve.workers.model.loader import LoadOptions, load_engine
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     """LoadedModel for smollm2-135m (spec off), fp32 on CPU."""
-    return load_engine("smollm2-135m", progress=False)
+    return load_engine("smollm2-135m", LoadOptions(progress=False))
 
 
 @pytest.fixture(scope="session")

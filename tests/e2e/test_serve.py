@@ -21,7 +21,8 @@ READY_S = 300
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([*SPECSERVE, "serve", "--port", "0", "--metrics-port", "0", "--threads", "2"],
+        proc = subprocess.Popen([*SPECSERVE, "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+                                 "--threads", "2"],
                                 stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + READY_S
     while "specserve: ready" not in log.read_text():

@@ -50,7 +50,7 @@ def test_train_free_drafters_are_token_identical(smollm2, code_prompts, referenc
     engine = engine_like(smollm2.engine, SpecConfig(method, max_draft_tokens=16))
     seqs = generate(engine, code_prompts, batched)
     assert [s.output_ids for s in seqs] == reference
-    assert sum(s.accepted_tokens for s in seqs) > 0  # speculation really ran
+    assert sum(s.spec.accepted_tokens for s in seqs) > 0  # speculation really ran
 
 
 def test_latency_sized_trees_are_token_identical(smollm2, code_prompts, reference):
@@ -66,11 +66,11 @@ def test_model_drafter_is_token_identical(smollm2, code_prompts, reference):
     engine = engine_like(smollm2.engine, SpecConfig("model", 8, draft_model="smollm2-135m"), smollm2.engine.model)
     seqs = generate(engine, code_prompts[:4], batched=True)
     assert [s.output_ids for s in seqs] == reference[:4]
-    assert sum(s.accepted_tokens for s in seqs) / sum(s.spec_steps for s in seqs) > 1.5
+    assert sum(s.spec.accepted_tokens for s in seqs) / sum(s.spec.spec_steps for s in seqs) > 1.5
 
 
 def test_recycling_accepts_enough_on_code(smollm2, code_prompts):
     engine = engine_like(smollm2.engine, SpecConfig("recycling", max_draft_tokens=16))
     seqs = generate(engine, code_prompts, batched=False)
-    accepted = sum(s.accepted_tokens for s in seqs) / sum(s.spec_steps for s in seqs)
+    accepted = sum(s.spec.accepted_tokens for s in seqs) / sum(s.spec.spec_steps for s in seqs)
     assert accepted >= RECYCLING_ACCEPTED_PER_STEP_FLOOR

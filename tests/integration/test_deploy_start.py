@@ -30,7 +30,7 @@ import pytest
 
 from specserve.scheduler.client import Client
 
-from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_folder import save_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -288,10 +288,7 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_hf("llama", initializer_range=0.3, max_position_embeddings=1024).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")

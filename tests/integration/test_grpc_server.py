@@ -11,15 +11,12 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from specserve.scheduler.client import Client, build_request
-from specserve.scheduler.server.grpc_server import ServerConfig, ServerThread
+from specserve.scheduler.server.grpc_server import ServerConfig
 from specserve.v1 import generation_pb2 as pb
-from specserve.workers.engine.llm_engine import EngineConfig
-from specserve.workers.model.loader import load_engine
 from specserve.workers.engine.sequence import SamplingParams
-from specserve.workers.spec.methods import SpecConfig
-from specserve.workers.engine.step_planner import PlannerConfig
 
-from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_server import load_tiny, start_server
+from tests.helpers.tiny_folder import save_tiny_model
 
 PROMPTS = [" ".join(f"w{(7 * i + j * j) % 90 + 2}" for j in range(5 + i)) for i in range(10)]
 POLL_S = 10.0
@@ -27,23 +24,14 @@ POLL_S = 10.0
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_hf("llama", initializer_range=0.3, max_position_embeddings=4096).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def load(folder, spec="ngram", max_num_seqs=32):
-    config = EngineConfig(block_size=4, kv_cache_bytes=1 << 24, spec=SpecConfig(spec, 8),
-                          planner=PlannerConfig(max_num_seqs=max_num_seqs))
-    return load_engine(folder, config=config, progress=False)
+    return load_tiny(folder, spec, max_num_seqs)
 
 
-def start(folder, attach=True, max_num_seqs=32, **config):
-    server = ServerThread(ServerConfig(port=0, metrics_port=0, **config))
-    if attach:
-        server.attach(load(folder, max_num_seqs=max_num_seqs), "tiny")
-    return server
+start = start_server
 
 
 @pytest.fixture(scope="module")

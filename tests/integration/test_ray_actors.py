@@ -15,18 +15,18 @@ import ray
 from specserve.cluster.placement import Role, RoleSpec
 from specserve.cluster.ray_cluster import NAMESPACE, connect
 from specserve.scheduler.client import Client
-from specserve.scheduler.ray.backend import RayBackend, RayBackendConfig
+from specserve.scheduler.ray.backend import RayBackend
+from specserve.scheduler.ray.config import RayBackendConfig
 from specserve.scheduler.ray.start import served_model_from
 from specserve.scheduler.server.grpc_server import ServerConfig, ServerThread
-from specserve.workers.engine.llm_engine import EngineConfig
 from specserve.scheduler.prompts import Prompt
-from specserve.workers.model.loader import load_engine
+from specserve.workers.model.loader import LoadOptions, load_engine
 from specserve.workers.model.model_source import load_tokenizer, resolve_model
 from specserve.workers.engine.sequence import FinishReason, SamplingParams
 from specserve.workers.spec.methods import SpecConfig
 from specserve.workers.actors.worker_model import WorkerModel
 
-from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_folder import GreedyReference, save_tiny_model, tiny_engine_config
 
 from .ray_cluster_fixture import Collector, poll, run
 
@@ -36,14 +36,7 @@ PROMPTS = [[(7 * i + j * j) % 90 + 2 for j in range(n)] for i, n in enumerate((5
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny-ray")
-    tiny_hf("llama", initializer_range=0.3, max_position_embeddings=4096).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
-
-
-def engine_config(spec: SpecConfig) -> EngineConfig:
-    return EngineConfig(block_size=4, kv_cache_bytes=1 << 22, spec=spec)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-ray"))
 
 
 def model_spec(folder: str) -> SpecConfig:
@@ -54,7 +47,7 @@ def start_backend(folder: str, spec: SpecConfig, **config) -> RayBackend:
     small = RoleSpec(replicas=1, num_cpus=0.1)
     config = {"name": f"t{uuid.uuid4().hex[:8]}", "verify": small, "prefill": small, "draft": small,
               "prefill_threshold": THRESHOLD, "stall_timeout_s": 60.0, **config}
-    worker_model = WorkerModel(folder, {"config": engine_config(spec), "threads": 1})
+    worker_model = WorkerModel(folder, LoadOptions(config=tiny_engine_config(spec), threads=1))
     backend = RayBackend(RayBackendConfig(**config), worker_model, connect())
     backend.start()
     return backend
@@ -68,55 +61,45 @@ def model_backend(ray_cluster, tiny_folder):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_folder):
-    """The in-process engine (speculation off): greedy tokens per prompt and length."""
-    engine = load_engine(tiny_folder, config=engine_config(SpecConfig("none")), progress=False).engine
-    cache = {}
-
-    def tokens(prompt: list[int], n: int) -> list[int]:
-        key = (tuple(prompt), n)
-        if key not in cache:
-            cache[key] = [t for o in engine.generate(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
-                          for t in o.new_token_ids]
-        return cache[key]
-
-    return tokens
+def reference(tiny_folder) -> GreedyReference:
+    return GreedyReference(tiny_folder)
 
 
 def test_actors_land_on_their_role_nodes(ray_cluster, model_backend):
     nodes = {Role.VERIFY: model_backend.info.node_id,
-             Role.PREFILL: ray.get(model_backend.prefill_handles[0].ready.remote()),
-             Role.DRAFT: ray.get(model_backend.draft_handles[0].ready.remote())}
+             Role.PREFILL: ray.get(model_backend.pool.prefill_handles[0].ready.remote()),
+             Role.DRAFT: ray.get(model_backend.pool.draft_handles[0].ready.remote())}
     assert nodes == ray_cluster.role_nodes
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
     assert set(model_backend.actor_names()) <= names
 
 
 def test_model_drafter_output_equals_in_process_and_hands_kv_over(model_backend, reference):
-    before = ray.get(model_backend.draft_handles[0].stats.remote())
+    before = ray.get(model_backend.pool.draft_handles[0].stats.remote())
     for prompt in PROMPTS:
         tokens, last = run(model_backend, prompt, 40)
         assert tokens == reference(prompt, 40), f"prompt of {len(prompt)} tokens"
         assert last.finish_reason is FinishReason.LENGTH and len(last.seq.output_ids) == 40
-        assert last.seq.prompt_ids == prompt and last.seq.spec_steps > 0
-    draft = ray.get(model_backend.draft_handles[0].stats.remote())
+        assert last.seq.prompt_ids == prompt and last.seq.spec.spec_steps > 0
+    draft = ray.get(model_backend.pool.draft_handles[0].stats.remote())
     long_prompts = [p for p in PROMPTS if len(p) >= THRESHOLD]
     # The draft model's prompt K/V came from the prefill worker for every long prompt (all but the root).
     assert draft.handed_tokens - before.handed_tokens == sum(len(p) - 1 for p in long_prompts)
-    assert ray.get(model_backend.prefill_handles[0].ping.remote())
+    assert ray.get(model_backend.pool.prefill_handles[0].ping.remote())
 
 
 def test_acceptance_through_actors_holds_up(model_backend, tiny_folder):
     """Mean accepted tokens per verify step through actors (draft K/V handed over) vs the same
     method in-process: a lost draft prompt K/V would collapse it."""
-    engine = load_engine(tiny_folder, config=engine_config(model_spec(tiny_folder)), progress=False).engine
+    engine = load_engine(tiny_folder, LoadOptions(config=tiny_engine_config(model_spec(tiny_folder)),
+                                                  progress=False)).engine
     prompt = PROMPTS[3]
     seq = engine.add_request(prompt, SamplingParams(max_new_tokens=48, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
     _, last = run(model_backend, prompt, 48)
-    in_process = seq.accepted_tokens / seq.spec_steps
-    actors = last.seq.accepted_tokens / last.seq.spec_steps
+    in_process = seq.spec.accepted_tokens / seq.spec.spec_steps
+    actors = last.seq.spec.accepted_tokens / last.seq.spec.spec_steps
     assert in_process > 1.0  # self-drafting accepts most of every tree
     assert actors >= 0.8 * in_process, (actors, in_process)
 
@@ -138,6 +121,31 @@ def test_through_the_grpc_server(model_backend, reference):
         server.stop()
 
 
+def test_health_is_not_serving_while_every_verify_worker_is_dead(ray_cluster, tiny_folder, reference):
+    """One dead verify worker of two: still SERVING; both: NOT_SERVING; a request revives one
+    (a new actor under its name) and health is SERVING again."""
+    backend = start_backend(tiny_folder, SpecConfig("none"), prefill=RoleSpec(replicas=0),
+                            verify=RoleSpec(replicas=2, num_cpus=0.1), stats_interval_s=0.1)
+    server = ServerThread(ServerConfig(port=0, metrics_port=None, health_poll_s=0.05))
+    try:
+        info = backend.info
+        server.attach_loops(backend.loops, served_model_from(info, "tiny"), info.fingerprint, info.block_size)
+        with Client(f"127.0.0.1:{server.port}") as client:
+            assert client.health() == "SERVING"
+            ray.kill(backend.loops[0].handle, no_restart=True)
+            poll(lambda: not backend.loops[0].healthy(), "the pool to notice the first dead worker")
+            assert client.health() == "SERVING"  # the other worker serves
+            ray.kill(backend.loops[1].handle, no_restart=True)
+            poll(lambda: client.health() == "NOT_SERVING", "health to turn NOT_SERVING")
+            prompt = " ".join(f"w{t}" for t in PROMPTS[0])
+            chunks = list(client.generate(prompt=prompt, max_tokens=8, ignore_eos=True))
+            assert [t for c in chunks for t in c.token_ids] == reference(info.tokenizer(prompt)["input_ids"], 8)
+            poll(lambda: client.health() == "SERVING", "health to turn SERVING once a worker was replaced")
+    finally:
+        server.stop()
+        backend.shutdown()
+
+
 def test_no_kv_blocks_left_after_requests(model_backend):
     loop = model_backend.loops[0]
     poll(lambda: loop.in_flight() == 0, "requests to end")
@@ -145,7 +153,7 @@ def test_no_kv_blocks_left_after_requests(model_backend):
     assert verify.running == 0 and verify.kv_blocks_free == verify.kv_blocks_total
 
     def draft_empty():
-        s = ray.get(model_backend.draft_handles[0].stats.remote())
+        s = ray.get(model_backend.pool.draft_handles[0].stats.remote())
         return s.sequences == 0 and s.kv_blocks_free == s.kv_blocks_total
 
     poll(draft_empty, "the draft worker to release every sequence")
@@ -172,7 +180,7 @@ def test_verify_actor_killed_mid_generation_still_gives_the_full_output(ray_clus
         assert not isinstance(last, Exception), last
         assert out.tokens == reference(prompt, n)  # nothing lost, nothing twice
         assert last.seq.prompt_ids == prompt and len(last.seq.output_ids) == n
-        assert backend.resubmits == 1
+        assert backend.driver.resubmits == 1
         tokens, _ = run(backend, PROMPTS[0], 16)  # and it keeps serving
         assert tokens == reference(PROMPTS[0], 16)
     finally:
@@ -197,7 +205,7 @@ def test_draft_actor_killed_mid_generation_never_changes_output(ray_cluster, tin
     backend = start_backend(tiny_folder, model_spec(tiny_folder), prefill=RoleSpec(replicas=0), draft_timeout_s=5.0)
     try:
         prompt, n = PROMPTS[2], 600
-        out, last = kill_mid_generation(backend, lambda b: b.draft_handles[0], prompt, n, no_restart=True)
+        out, last = kill_mid_generation(backend, lambda b: b.pool.draft_handles[0], prompt, n, no_restart=True)
         assert not isinstance(last, Exception), last
         assert out.tokens == reference(prompt, n)
         assert ray.get(backend.loops[0].handle.drafter_stats.remote())["failures"] >= 1  # it ran without drafts
@@ -208,11 +216,11 @@ def test_draft_actor_killed_mid_generation_never_changes_output(ray_cluster, tin
 def test_recycling_output_equals_in_process(ray_cluster, tiny_folder, reference):
     backend = start_backend(tiny_folder, SpecConfig("recycling", 8), draft=RoleSpec(replicas=0))
     try:
-        assert backend.draft_handles == []  # train-free drafting runs inside the verify worker
+        assert backend.pool.draft_handles == []  # train-free drafting runs inside the verify worker
         for prompt in PROMPTS:
             tokens, last = run(backend, prompt, 32)
             assert tokens == reference(prompt, 32)
-            assert last.seq.spec_steps > 0
+            assert last.seq.spec.spec_steps > 0
     finally:
         backend.shutdown()
 
@@ -235,7 +243,8 @@ def test_specserve_serve_joins_the_cluster(ray_cluster, tiny_folder, reference, 
     name = f"srv{uuid.uuid4().hex[:6]}"
     log = tmp_path / "serve.log"
     args = [sys.executable, "-m", "specserve.scheduler.cli.main", "serve", "--address", ray_cluster.address,
-            "--model", tiny_folder, "--port", "0", "--no-metrics", "--threads", "1", "--kv-cache-gb", "0.01",
+            "--model", tiny_folder, "--port", "0", "--http-port", "0", "--no-metrics", "--threads", "1",
+            "--kv-cache-gb", "0.01",
             "--block-size", "4", "--spec", "recycling", "--spec-tokens", "8", "--deployment-name", name,
             "--verify-cpus", "0.1", "--prefill-cpus", "0.1", "--prefill-threshold", str(THRESHOLD)]
     with open(log, "w") as err:

@@ -15,15 +15,15 @@ import torch
 
 from specserve.cluster.placement import RoleSpec
 from specserve.cluster.ray_cluster import connect
-from specserve.scheduler.ray.backend import RayBackend, RayBackendConfig
-from specserve.workers.engine.llm_engine import EngineConfig
-from specserve.workers.model.loader import load_engine
+from specserve.scheduler.ray.backend import RayBackend
+from specserve.scheduler.ray.config import RayBackendConfig
 from specserve.workers.engine.sequence import SamplingParams
+from specserve.workers.model.loader import LoadOptions, load_weights
 from specserve.workers.model.sequence_parallel import SequenceParallelMode
 from specserve.workers.spec.methods import SpecConfig
-from specserve.workers.actors.worker_model import WorkerModel, load_weights
+from specserve.workers.actors.worker_model import WorkerModel
 
-from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_folder import GreedyReference, save_tiny_model, tiny_engine_config
 
 from .ray_cluster_fixture import Collector, poll, run
 
@@ -34,25 +34,12 @@ SHORT = [3, 9, 27, 81, 4, 7]
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny-group")
-    tiny_hf("llama", initializer_range=0.3, max_position_embeddings=4096).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
-
-
-def engine_config(spec: SpecConfig) -> EngineConfig:
-    return EngineConfig(block_size=4, kv_cache_bytes=1 << 22, spec=spec)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-group"))
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_folder):
-    engine = load_engine(tiny_folder, config=engine_config(SpecConfig("none")), progress=False).engine
-
-    def tokens(prompt: list[int], n: int) -> list[int]:
-        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
-        return [t for o in engine.generate(prompt, params) for t in o.new_token_ids]
-
-    return tokens
+def reference(tiny_folder) -> GreedyReference:
+    return GreedyReference(tiny_folder)
 
 
 @dataclass(frozen=True)
@@ -85,7 +72,7 @@ def start_backend(folder: str, group_model_factory=None,
     config = RayBackendConfig(name=f"g{uuid.uuid4().hex[:8]}", verify=small, prefill=RoleSpec(replicas=0, num_cpus=0.1),
                               draft=RoleSpec(replicas=0), stall_timeout_s=60.0, prefill_group_size=2,
                               sequence_parallel=mode, long_prompt_threshold=THRESHOLD)
-    worker_model = WorkerModel(folder, {"config": engine_config(SpecConfig("recycling", 8)), "threads": 1})
+    worker_model = WorkerModel(folder, LoadOptions(config=tiny_engine_config(SpecConfig("recycling", 8)), threads=1))
     backend = RayBackend(config, worker_model, connect(), group_model_factory)
     try:
         backend.start()
@@ -162,5 +149,7 @@ def test_serve_flags_reach_the_backend_config():
     config = ray_serve_options(args).backend
     assert (config.prefill_group_size, config.sequence_parallel, config.long_prompt_threshold) == \
         (3, SequenceParallelMode.ULYSSES, 100)
+    old_name = ray_serve_options(parser.parse_args(["serve", "--model", "m", "--prefill-workers", "3"])).backend
+    assert old_name.prefill_group_size == 3  # generate's old flag name is an alias
     with pytest.raises(ValueError, match="prefill_group_size"):
         RayBackendConfig(prefill_group_size=0)

@@ -10,9 +10,10 @@ import ray
 
 from specserve.cluster.placement import RoleSpec
 from specserve.cluster.ray_cluster import connect
-from specserve.scheduler.ray.backend import RayBackend, RayBackendConfig
+from specserve.scheduler.ray.backend import RayBackend
+from specserve.scheduler.ray.config import RayBackendConfig
 from specserve.workers.engine.llm_engine import EngineConfig
-from specserve.workers.model.loader import load_engine
+from specserve.workers.model.loader import LoadOptions, load_engine
 from specserve.workers.spec.methods import SpecConfig
 from specserve.workers.actors.worker_model import WorkerModel
 
@@ -35,9 +36,9 @@ def config(spec: SpecConfig) -> EngineConfig:
 @pytest.fixture(scope="module")
 def in_process():
     """Engines in this process: speculation off (the reference) and the same model drafter."""
-    none = load_engine(MODEL, config=config(SpecConfig("none")), threads=1, progress=False).engine
-    model = load_engine(MODEL, config=config(SpecConfig("model", 8, draft_model=MODEL)), threads=1,
-                        progress=False).engine
+    none = load_engine(MODEL, LoadOptions(config=config(SpecConfig("none")), threads=1, progress=False)).engine
+    model = load_engine(MODEL, LoadOptions(config=config(SpecConfig("model", 8, draft_model=MODEL)), threads=1,
+                                           progress=False)).engine
     return none, model
 
 
@@ -54,7 +55,7 @@ def backend_for(spec: SpecConfig, **roles) -> RayBackend:
     small = RoleSpec(replicas=1, num_cpus=0.1)
     cfg = RayBackendConfig(**{"name": f"s{uuid.uuid4().hex[:8]}", "verify": small, "prefill": small, "draft": small,
                               "prefill_threshold": THRESHOLD, **roles})
-    backend = RayBackend(cfg, WorkerModel(MODEL, {"config": config(spec), "threads": 1}), connect())
+    backend = RayBackend(cfg, WorkerModel(MODEL, LoadOptions(config=config(spec), threads=1)), connect())
     backend.start()
     return backend
 
@@ -69,12 +70,12 @@ def test_model_drafter_through_actors_equals_in_process(ray_cluster, in_process)
             local = greedy(model, ids)
             tokens, last = run(backend, ids, N)
             assert tokens == reference, f"prompt of {len(ids)} tokens"
-            in_proc = local.accepted_tokens / local.spec_steps
-            actors = last.seq.accepted_tokens / last.seq.spec_steps
+            in_proc = local.spec.accepted_tokens / local.spec.spec_steps
+            actors = last.seq.spec.accepted_tokens / last.seq.spec.spec_steps
             assert actors >= 0.8 * in_proc, (len(ids), actors, in_proc)
         long_ids = none.tokenizer(LONG)["input_ids"]
         assert len(long_ids) >= THRESHOLD
-        draft = ray.get(backend.draft_handles[0].stats.remote())
+        draft = ray.get(backend.pool.draft_handles[0].stats.remote())
         assert draft.handed_tokens == len(long_ids) - 1  # the draft model's prompt K/V came from the prefill worker
         assert ray.get(backend.loops[0].handle.breakdown.remote())["prefix_tokens"] == len(long_ids) - 1
     finally:
@@ -88,6 +89,6 @@ def test_recycling_through_actors_equals_in_process(ray_cluster, in_process):
         ids = none.tokenizer(CODE)["input_ids"]
         tokens, last = run(backend, ids, N)
         assert tokens == greedy(none, ids).output_ids
-        assert last.seq.spec_steps > 0
+        assert last.seq.spec.spec_steps > 0
     finally:
         backend.shutdown()

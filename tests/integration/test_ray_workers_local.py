@@ -2,20 +2,28 @@
 protocol and fault handling against a fake DraftWorker, the prefill worker's K/V handed into an
 engine, and the `specserve serve` Ray flags."""
 
+import concurrent.futures
+
 import pytest
 import torch
 
 from specserve.cluster.placement import Role, RoleSpec, actor_options
 from specserve.scheduler.cli.main import build_parser
+from specserve.scheduler.ray.actor_pool import VerifyReplica
+from specserve.scheduler.ray.remote_loop import RemoteEngineLoop
+from specserve.scheduler.ray.remote_request import RemoteRequest
 from specserve.scheduler.ray.start import ray_serve_options
+from specserve.workers.actors.messages import StreamChunk
+from specserve.workers.engine.engine_loop import LoopStoppedError, QueueFullError
 from specserve.workers.actors.messages import DraftedTrees
 from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
 from specserve.workers.engine.kv_prefix import PrefixKV
 from specserve.workers.actors.prefill import LocalPrefillRunner, PrefillWorker
 from specserve.workers.actors.remote_drafter import RemoteDrafter
-from specserve.workers.engine.sequence import SamplingParams, Sequence
+from specserve.workers.engine.sequence import FinishReason, SamplingParams, Sequence, SpecCounters
 from specserve.workers.spec.draft_tree import DraftTree
 from specserve.workers.actors.worker_model import WorkerModel
+from specserve.workers.model.loader import LoadOptions
 
 from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 
@@ -96,7 +104,7 @@ def model():
 def test_prefill_workers_kv_equals_the_engines_own_and_gives_the_same_tokens(model):
     prompt = [(5 * i * i + 3) % 90 + 2 for i in range(37)]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    worker = PrefillWorker(WorkerModel("unused", {"config": EngineConfig(block_size=4)}),
+    worker = PrefillWorker(WorkerModel("unused", LoadOptions(config=EngineConfig(block_size=4))),
                            target=LocalPrefillRunner(model, block_size=4, chunk=16))
     target, draft = worker.prefill(prompt)
     assert draft is None and target.start == 0 and target.num_tokens == len(prompt) - 1
@@ -132,3 +140,66 @@ def test_serve_ray_flags():
     assert embedded.address is None and embedded.backend.verify.replicas == 3
     with pytest.raises(ValueError, match="--no-ray"):
         ray_serve_options(parse(["serve", "--no-ray", "--address", "auto"]))
+
+
+class FakeDriver:
+    """Stands in for the RequestDriver: records the requests a RemoteEngineLoop hands it; each
+    ends when the test resolves its future."""
+
+    def __init__(self):
+        self.futures: dict[str, concurrent.futures.Future] = {}
+        self.cancelled: list[str] = []
+
+    def start(self, req: RemoteRequest) -> concurrent.futures.Future:
+        self.futures[req.request_id] = concurrent.futures.Future()
+        return self.futures[req.request_id]
+
+    def cancel(self, req: RemoteRequest) -> None:
+        self.cancelled.append(req.request_id)
+
+    def end(self, request_id: str) -> None:
+        self.futures[request_id].set_result(None)
+
+
+def test_remote_loops_admit_and_close_each_for_its_own_replica():
+    driver = FakeDriver()
+    first, second = (RemoteEngineLoop(VerifyReplica(i, None, max_queued=1), driver, max_in_flight=2) for i in range(2))
+
+    def submit(loop, request_id):
+        loop.submit([5, 6], SamplingParams(max_new_tokens=4), request_id, lambda item: None)
+
+    submit(first, "a")
+    submit(first, "b")
+    with pytest.raises(QueueFullError, match="the limit is 2"):
+        submit(first, "c")
+    with pytest.raises(ValueError, match="request_id 'a' is already in flight"):
+        submit(first, "a")
+    assert first.stats().rejected == 1 and first.stats().max_queued == 1
+    first.cancel("a")
+    assert driver.cancelled == ["a"]
+    driver.end("a")
+    assert first.in_flight() == 1 and first.has_room()
+    first.close()
+    with pytest.raises(LoopStoppedError):
+        submit(first, "d")
+    submit(second, "d")  # closing one replica's loop leaves the others admitting
+    assert second.in_flight() == 1 and second.healthy()
+    second.replica.alive = False  # the pool found its worker dead
+    assert not second.healthy() and not second.has_room()
+
+
+def test_a_resubmitted_request_keeps_every_token_and_sums_its_counters():
+    delivered = []
+    req = RemoteRequest("r", [5, 6, 7], SamplingParams(max_new_tokens=10), "", delivered.append, replica=None)
+    req.absorb(StreamChunk("r", [8, 9], "", cached_tokens=4, spec=SpecCounters(2, 1, 5, 1)))
+    req.end_attempt(started=True)  # the worker died after two tokens
+    again = req.next_request()
+    assert again.prompt_ids == [5, 6, 7, 8, 9] and again.params.max_new_tokens == 8
+    out = req.absorb(StreamChunk("r", [10], "", finished=True, finish_reason=FinishReason.LENGTH,
+                                 cached_tokens=0, spec=SpecCounters(1, 1, 3, 0)))
+    assert out.seq.output_ids == [8, 9, 10] and out.seq.prompt_ids == [5, 6, 7]
+    assert out.seq.spec == SpecCounters(3, 2, 8, 1) and out.seq.cached_tokens == 4  # the first attempt's hit
+    assert req.attempts == 1
+    req.deliver(out)
+    req.finish(FinishReason.ABORT)  # after the last output: nothing more
+    assert delivered == [out]

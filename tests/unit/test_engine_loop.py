@@ -1,12 +1,14 @@
 """EngineLoop: the engine on its own thread, fed and cancelled from other threads."""
 
+import dataclasses
 import queue
 
 import pytest
 
 from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
-from specserve.workers.engine.engine_loop import EngineLoop, LoopStoppedError, QueueFullError
-from specserve.workers.engine.sequence import FinishReason, SamplingParams
+from specserve.workers.engine.engine_loop import (AdmissionGate, EngineLoop, LoopStats, LoopStoppedError,
+                                                  QueueFullError, combine_stats)
+from specserve.workers.engine.sequence import FinishReason, SamplingParams, SpecCounters
 from specserve.workers.engine.step_planner import PlannerConfig
 
 from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
@@ -108,3 +110,52 @@ def test_stop_aborts_what_runs_and_refuses_new_requests(model):
     assert drain(outputs)[-1].finish_reason is FinishReason.ABORT
     with pytest.raises(LoopStoppedError):
         submit(loop, "late")
+
+
+def test_finished_requests_add_their_spec_counters_to_the_loop_stats(model):
+    loop = make_loop(model)
+    try:
+        seqs = [drain(submit(loop, rid, 6))[-1].seq for rid in ("a", "b")]
+        stats = loop.stats()
+    finally:
+        loop.stop()
+    assert [s.spec.decode_steps for s in seqs] == [6, 6]  # speculation off: one token per forward
+    assert stats.spec == seqs[0].spec + seqs[1].spec
+    assert stats.finished == 2 and stats.generation_tokens == 12
+
+
+def test_healthy_while_the_loop_thread_runs(model):
+    loop = make_loop(model)
+    assert loop.healthy()
+    loop.stop(timeout=WAIT_S)
+    assert not loop.healthy()
+
+
+def test_spec_counters_add_field_by_field_and_refuse_negative_counts():
+    a = SpecCounters(decode_steps=3, spec_steps=2, drafted_tokens=10, accepted_tokens=4)
+    b = SpecCounters(decode_steps=1, accepted_tokens=1)
+    assert a + b == SpecCounters(decode_steps=4, spec_steps=2, drafted_tokens=10, accepted_tokens=5)
+    with pytest.raises(ValueError, match="drafted_tokens must be >= 0, got -1"):
+        SpecCounters(drafted_tokens=-1)
+
+
+def test_combine_stats_sums_every_field_spec_counters_included():
+    one = LoopStats.empty(max_queued=4)
+    two = dataclasses.replace(one, running=2, finished=5, spec=SpecCounters(spec_steps=3, drafted_tokens=9))
+    both = combine_stats([one, two, two])
+    assert (both.running, both.finished, both.max_queued) == (4, 10, 12)
+    assert both.spec == SpecCounters(spec_steps=6, drafted_tokens=18)
+
+
+def test_admission_gate_refuses_after_close_duplicates_and_beyond_the_limit():
+    gate = AdmissionGate(max_in_flight=2)
+    gate.admit("a", set())
+    with pytest.raises(ValueError, match="request_id 'a' is already in flight"):
+        gate.admit("a", {"a"})
+    with pytest.raises(QueueFullError, match="2 requests in flight, the limit is 2"):
+        gate.admit("c", {"a", "b"})
+    assert gate.rejected == 1 and gate.has_room(1) and not gate.has_room(2)
+    gate.closed = True
+    with pytest.raises(LoopStoppedError):
+        gate.admit("d", set())
+    assert not gate.has_room(0)

@@ -1,4 +1,5 @@
-"""`specserve generate --prefill-workers N --sequence-parallel M --long-prompt-threshold T`:
+"""`specserve generate --prefill-group-size N --sequence-parallel M --long-prompt-threshold T`
+(`--prefill-workers`, its old name, is used here: it stays an alias):
 prompts over the threshold are prefilled by a local group and generate the same tokens."""
 
 import json
@@ -9,9 +10,11 @@ import torch
 from specserve.cluster.prefill_group import MemberDiedError
 from specserve.scheduler.cli import long_prefill
 from specserve.scheduler.cli.main import main
+from specserve.scheduler.long_prompt import LongPromptPolicy
 from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
 from specserve.workers.model.sequence_parallel import SequenceParallelMode
 
+from tests.helpers.tiny_folder import save_tiny_model
 from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 
 
@@ -22,10 +25,7 @@ def private_cache(monkeypatch, tmp_path):
 
 @pytest.fixture
 def model_folder(tmp_path) -> str:
-    folder = tmp_path / "tiny"
-    tiny_hf("llama", seed=0, initializer_range=0.3).save_pretrained(folder)  # 4 query heads, 2 K/V heads
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model(tmp_path / "tiny", max_position_embeddings=256)  # 4 query heads, 2 K/V heads
 
 
 def prompt_file(tmp_path) -> str:
@@ -83,7 +83,7 @@ class FailingGroup:
 
 def test_a_failed_group_leaves_the_prompt_to_the_engine(capsys):
     engine = LLMEngine(ours_from_hf(tiny_hf()), tiny_tokenizer(), EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
-    config = long_prefill.LongPrefillConfig(2, SequenceParallelMode.RING, threshold=8)
+    config = long_prefill.LongPrefillConfig(2, SequenceParallelMode.RING, LongPromptPolicy(8))
     router = long_prefill.LongPrefillRouter(config, engine, "unused", group=FailingGroup())
     assert router.prefix_kv(list(range(3, 30))) is None  # the engine prefills it: no failed request
     assert router.failed == 1 and router.prefilled == 0

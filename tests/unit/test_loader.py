@@ -3,18 +3,16 @@
 import pytest
 
 from specserve.workers.engine.llm_engine import EngineConfig
-from specserve.workers.model.loader import load_engine
+from specserve.workers.model.loader import LoadOptions, load_engine
 from specserve.workers.model.model_source import ModelError
 from specserve.workers.engine.sequence import SamplingParams
 from specserve.workers.spec.methods import SpecConfig
 
-from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.tiny_folder import save_tiny_model
 
 
 def save(folder, seed: int, tokenizer_vocab: int = 97):
-    tiny_hf("llama", seed=seed, initializer_range=0.3).save_pretrained(folder)
-    tiny_tokenizer(tokenizer_vocab).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model(folder, max_position_embeddings=256, seed=seed, tokenizer_vocab=tokenizer_vocab)
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +22,7 @@ def private_cache(monkeypatch, tmp_path):
 
 def generate(folder: str, spec: SpecConfig) -> list[int]:
     config = EngineConfig(block_size=4, kv_cache_bytes=1 << 20, spec=spec)
-    engine = load_engine(folder, config=config, progress=False).engine
+    engine = load_engine(folder, LoadOptions(config=config, progress=False)).engine
     seq = engine.add_request([5, 7, 9, 11, 3, 5, 7], SamplingParams(max_new_tokens=20, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
@@ -40,4 +38,5 @@ def test_draft_model_with_the_same_tokenizer_is_loaded_and_lossless(tmp_path):
 def test_draft_model_with_another_tokenizer_is_refused(tmp_path):
     target, draft = save(tmp_path / "target", seed=0), save(tmp_path / "draft", seed=1, tokenizer_vocab=50)
     with pytest.raises(ModelError, match="another tokenizer"):
-        load_engine(target, config=EngineConfig(spec=SpecConfig("model", 6, draft_model=draft)), progress=False)
+        load_engine(target, LoadOptions(config=EngineConfig(spec=SpecConfig("model", 6, draft_model=draft)),
+                                        progress=False))

@@ -2,6 +2,7 @@
 
 import pytest
 
+from specserve.cluster.prefix_cache.block_hash import prefix_block_hashes
 from specserve.scheduler.server.router import Router
 
 A = list(range(100, 140))  # 40 tokens: 2 full blocks of 16
@@ -44,6 +45,21 @@ def test_keys_are_chained_and_bounded():
     keys = router.prefix_keys(list(range(20)))
     assert len(keys) == 3
     assert router.prefix_keys([9, 9, 9, 9] + list(range(4, 8)))[1] != keys[1]  # depends on the first block
+
+
+def test_keys_are_the_prefix_caches_block_keys_with_the_salt():
+    router = Router(2, block_size=4, max_blocks=3)
+    expected = [h.digest for h in prefix_block_hashes(list(range(20)), 4, ("tenant-a",))][:3]
+    assert router.prefix_keys(list(range(20)), "tenant-a") == expected
+    assert router.prefix_keys(list(range(20)), "tenant-b") != expected
+
+
+def test_two_salts_never_share_affinity():
+    router = Router(2, block_size=16)
+    assert router.choose(A, [0, 0], cache_salt="a") == 0
+    assert router.choose(A, [1, 0], cache_salt="a") == 0  # same salt: back to its replica
+    assert router.choose(A, [1, 0], cache_salt="b") == 1  # same tokens, other salt: the least loaded
+    assert router.choose(A, [0, 1], cache_salt="b") == 1  # "b" learned its own replica
 
 
 def test_affinity_table_is_bounded():

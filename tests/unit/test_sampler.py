@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from specserve.workers.engine.sampler import sample_tokens, target_probs
+from specserve.workers.engine.sampler import sample_tokens, target_probs, usable_rows
 from specserve.workers.engine.sequence import SamplingParams, Sequence
 
 # Empirical frequencies of N seeded draws vs. the target distribution: the largest standard
@@ -132,7 +132,10 @@ def test_sampled_tokens_follow_the_target_distribution():
     [
         ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
         ({"max_new_tokens": -3}, "max_new_tokens must be >= 1, got -3"),
-        ({"temperature": -0.5}, "temperature must be >= 0, got -0.5"),
+        ({"temperature": -0.5}, "temperature must be a finite number >= 0, got -0.5"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0, got inf"),
+        ({"top_p": float("nan")}, r"top_p must be in \(0, 1\], got nan"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
         ({"top_k": -1}, "top_k must be >= 0, got -1"),
@@ -142,3 +145,31 @@ def test_sampled_tokens_follow_the_target_distribution():
 def test_sampling_params_validation_names_the_field_and_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1.4e-45, 1e-40, 1e-30])
+def test_a_tiny_temperature_is_the_argmax_not_nan(temperature):
+    # Plain logits / T overflows to inf and softmax(inf) is NaN (issue 17: torch.multinomial raised
+    # and failed every request in the step); the shifted form puts all the mass on the argmax.
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.999], [1.0, 1.0, 0.0, -2.0]])
+    probs = target_probs(logits, sampled(temperature))
+    torch.testing.assert_close(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]))  # ties share it
+    gen = torch.Generator().manual_seed(0)
+    assert sample_tokens(logits, [sampled(temperature)] * 2, [gen, gen])[0] == 1
+
+
+def test_a_temperature_that_rounds_to_zero_in_float32_is_the_argmax_too():
+    probs = target_probs(torch.tensor([0.0, 2.0, 1.0]), sampled(1e-50))  # float32(1e-50) == 0
+    torch.testing.assert_close(probs, torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_the_largest_finite_temperature_is_uniform_over_what_top_k_keeps():
+    logits = torch.tensor([5.0, -3.0, 1.0, 0.0])
+    torch.testing.assert_close(target_probs(logits, sampled(3.4e38)), torch.full((4,), 0.25))
+    torch.testing.assert_close(target_probs(logits, sampled(3.4e38, top_k=2)), torch.tensor([0.5, 0.0, 0.5, 0.0]))
+
+
+def test_usable_rows_reject_nan_and_positive_inf_but_not_masked_tokens():
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[0.0, 1.0], [-inf, 1.0], [nan, 1.0], [inf, 1.0], [-inf, -inf]])
+    assert usable_rows(logits).tolist() == [True, True, False, False, False]

@@ -203,6 +203,6 @@ def test_the_draft_models_prompt_kv_is_cached_too(model):
     warm = run(warm_engine, prompt)
     assert warm.cached_tokens == 20 and warm.output_ids == cold.output_ids
     assert warm_engine.draft_shared_cache.stats.hit_blocks == 5  # the drafter's 5 prompt blocks
-    assert warm.accepted_tokens == cold.accepted_tokens  # the same draft KV: the same drafts
+    assert warm.spec.accepted_tokens == cold.spec.accepted_tokens  # the same draft KV: the same drafts
     again = run(warm_engine, prompt)  # on the same node: the drafter's blocks are in its pool (L1)
     assert again.output_ids == cold.output_ids and warm_engine.draft_shared_cache.stats.queried_blocks == 5

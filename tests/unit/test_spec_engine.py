@@ -37,7 +37,7 @@ def test_greedy_output_is_unchanged(model, method, max_draft):
 
 def test_self_drafting_accepts_and_saves_steps(model):
     seqs = run(model, SpecConfig("model", 8, draft_model="self"), draft=model)
-    assert all(s.accepted_tokens > 0 and s.decode_steps < len(s.output_ids) for s in seqs)
+    assert all(s.spec.accepted_tokens > 0 and s.spec.decode_steps < len(s.output_ids) for s in seqs)
 
 
 def test_seeded_sampling_with_speculation_is_reproducible(model):

@@ -54,3 +54,24 @@ def test_steps_mixed_with_prefill_have_their_own_verdict():
             on = gate.speculate(8, mixed)
             gate.record(8, on, tokens=8, seconds=8 / (rate_on if on else rate_off), mixed=mixed)
     assert gate.pays(gate.level(8), mixed=False) and not gate.pays(gate.level(8), mixed=True)
+
+
+@pytest.mark.parametrize("gate_on", [True, False])
+def test_spec_gate_flag_reaches_the_speculator(gate_on):
+    """`--spec-gate off` leaves a latency-sized speculator without its gate: it drafts on every
+    decode step even where the gate has measured that drafting does not pay."""
+    from specserve.scheduler.cli.flags import load_options
+    from specserve.scheduler.cli.main import build_parser
+    from specserve.workers.spec.speculator import Speculator
+    from specserve.workers.spec.tree_size import LatencyCurve
+
+    args = build_parser().parse_args(["serve", "--spec", "ngram", "--spec-gate", "on" if gate_on else "off"])
+    spec = load_options(args).config.spec
+    assert spec.gate is gate_on
+    speculator = Speculator(drafter=None, kv=None, max_draft_tokens=8, max_model_len=64,
+                            curve=LatencyCurve((1, 16), (0.01, 0.012)), gate=spec.gate)
+    for _ in range(64):  # drafting measured 4x slower than not at 1 sequence
+        on = speculator.speculate(1)
+        speculator.record_step(1, on, tokens=1, seconds=0.04 if on else 0.01)
+    assert (speculator.gate is not None) is gate_on
+    assert sum(speculator.speculate(1) for _ in range(32)) == (2 if gate_on else 32)

@@ -4,7 +4,7 @@ import pytest
 
 from specserve.workers.engine.kv_cache import KVCacheConfig, PagedKVCache
 from specserve.workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from specserve.workers.engine.step_planner import PlannedSequence, PlannerConfig, StepPlanner
+from specserve.workers.engine.step_planner import PlannerConfig, StepPlan, StepPlanner
 
 
 def make_planner(num_blocks=64, block_size=4, **planner_kw) -> StepPlanner:
@@ -17,17 +17,19 @@ def seq(prompt_len: int, name: str) -> Sequence:
     return Sequence(list(range(1, prompt_len + 1)), SamplingParams(), request_id=name)
 
 
-def run(planner: StepPlanner, plan: list[PlannedSequence], next_token: int = 5) -> None:
+def run(planner: StepPlanner, plan: StepPlan, next_token: int = 5) -> None:
     """What the engine does with a plan: reserve the slots, and give a token to each completed one."""
-    for p in plan:
+    assert plan.stuck == []
+    for p in plan.scheduled:
         completes = p.completes  # read before the append moves num_computed
         planner.kv.append(p.seq.table, p.num_new)
         if completes:
             p.seq.output_ids.append(next_token)
 
 
-def summary(plan: list[PlannedSequence]) -> list[tuple[str, int, bool]]:
-    return [(p.seq.request_id, p.num_new, p.completes) for p in plan]
+def summary(plan: StepPlan) -> list[tuple[str, int, bool]]:
+    assert plan.stuck == []
+    return [(p.seq.request_id, p.num_new, p.completes) for p in plan.scheduled]
 
 
 def test_waiting_sequences_are_admitted_in_order_up_to_max_num_seqs():
@@ -170,3 +172,42 @@ def test_draft_tree_that_does_not_fit_the_pool_falls_back_to_a_plain_decode_slot
 def test_planner_config_rejects_non_positive_values(field):
     with pytest.raises(ValueError, match=rf"{field} must be >= 1, got 0"):
         PlannerConfig(**{field: 0})
+
+
+def test_a_running_sequence_with_nothing_to_compute_is_stuck_and_the_rest_still_run():
+    # a's last token already has K/V but no next token was appended (a step failed half way):
+    # before, plan() stopped at a and returned nothing, forever.
+    planner = make_planner()
+    a, b = seq(3, "a"), seq(4, "b")
+    planner.add(a)
+    planner.add(b)
+    run(planner, planner.plan())
+    planner.kv.append(a.table, 1)  # a: 4 tokens, 4 computed
+    plan = planner.plan()
+    assert [(s.seq.request_id, s.reason) for s in plan.stuck] == [("a", "no token left to compute (4 of 4 computed)")]
+    assert [(p.seq.request_id, p.num_new) for p in plan.scheduled] == [("b", 1)]
+    assert planner.running == [b] and a.table.blocks == []
+
+
+def test_a_sequence_alone_in_a_pool_too_short_for_it_is_stuck():
+    # 3 blocks of 4; one leaked (held by nobody): a's 9th token needs a third block that never comes.
+    planner = make_planner(num_blocks=3, block_size=4)
+    a = seq(8, "a")
+    planner.add(a)
+    run(planner, planner.plan())
+    planner.kv.allocator.allocate()
+    plan = planner.plan()
+    assert plan.scheduled == []
+    assert [(s.seq.request_id, s.reason) for s in plan.stuck] == [("a", "1 new tokens need 1 KV blocks, 0 of 3 are free")]
+    assert planner.running == [] and planner.kv.allocator.num_free == 2  # a's blocks back, the leaked one not
+
+
+def test_a_waiting_prompt_that_cannot_fit_an_empty_pool_is_stuck_and_the_next_is_admitted():
+    planner = make_planner(num_blocks=2, block_size=4)
+    big, small = seq(12, "big"), seq(3, "small")
+    planner.add(big)
+    planner.add(small)
+    plan = planner.plan()
+    assert [(s.seq.request_id, s.reason) for s in plan.stuck] == [("big", "12 new tokens need 3 KV blocks, 2 of 2 are free")]
+    assert [(p.seq.request_id, p.num_new) for p in plan.scheduled] == [("small", 3)]
+    assert list(planner.waiting) == []

@@ -51,11 +51,21 @@ def fixed_tree(gen) -> DraftTree:
     return DraftTree([0, 1, 2, 3, 0, 4], [-1, 0, 0, 0, 1, 1])
 
 
+def draws_without_replacement(q: torch.Tensor, n: int, gen) -> tuple[list[int], list[torch.Tensor]]:
+    """n tokens drawn one by one from q without the earlier ones, and each one's q_i."""
+    tokens, rows, left = [], [], q.clone()
+    for _ in range(n):
+        rows.append(left / left.sum())
+        tokens.append(int(torch.multinomial(rows[-1], 1, generator=gen)))
+        left[tokens[-1]] = 0.0
+    return tokens, rows
+
+
 def drafted_tree(gen) -> DraftTree:
-    """Children drawn from q without replacement, q recorded per node."""
-    xs = torch.multinomial(Q_ROOT, 3, replacement=False, generator=gen).tolist()
-    ys = torch.multinomial(Q_X1, 2, replacement=False, generator=gen).tolist()
-    q = torch.stack([Q_ROOT, Q_ROOT, Q_ROOT, Q_ROOT, Q_X1, Q_X1])
+    """Children drawn from q without replacement, each node's q_i recorded."""
+    xs, x_rows = draws_without_replacement(Q_ROOT, 3, gen)
+    ys, y_rows = draws_without_replacement(Q_X1, 2, gen)
+    q = torch.stack([Q_ROOT, *x_rows, *y_rows])
     return DraftTree([0, *xs, *ys], [-1, 0, 0, 0, 1, 1], draft_q=q)
 
 

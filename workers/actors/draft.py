@@ -17,7 +17,7 @@ from specserve.workers.model.llama import LlamaModel
 from specserve.workers.engine.sequence import Sequence
 from specserve.workers.spec.model_drafter import ModelDrafter
 from specserve.workers.actors.base import WorkerActor
-from specserve.workers.actors.worker_model import WorkerModel, load_weights
+from specserve.workers.actors.worker_model import WorkerModel
 
 IDLE_DROP_S = 600.0  # a sequence not proposed for this long is dropped (its verify worker died)
 PREFIX_TIMEOUT_S = 30.0  # how long to wait for a handed-over draft prefix before computing it here
@@ -34,7 +34,7 @@ class DraftWorker(WorkerActor):
         if model is None:
             if not config.spec.draft_model:
                 raise ValueError("a DraftWorker needs a spec config with a draft model")
-            model = load_weights(config.spec.draft_model, worker_model.torch_dtype, worker_model.device)
+            model = worker_model.load_weights(config.spec.draft_model)
         mc = model.config
         probe = KVCacheConfig(mc.num_layers, mc.num_kv_heads, mc.head_dim, 1, config.block_size, model.dtype)
         min_blocks = -(-mc.max_position_embeddings // config.block_size) + 2 * ModelDrafter.max_tree_slots()

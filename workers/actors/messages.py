@@ -7,7 +7,7 @@ travel inside PrefixKV (contiguous CPU tensors in the Ray object store).
 
 from dataclasses import dataclass, field
 
-from specserve.workers.engine.sequence import FinishReason, SamplingParams
+from specserve.workers.engine.sequence import FinishReason, SamplingParams, SpecCounters
 from specserve.workers.spec.draft_tree import DraftTree
 
 
@@ -37,10 +37,7 @@ class StreamChunk:
     error: str | None = None  # set on the last chunk when the request failed
     invalid: bool = False  # with error: the request itself was bad (never retry it)
     cached_tokens: int = 0
-    decode_steps: int = 0
-    spec_steps: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
+    spec: SpecCounters = SpecCounters()
 
     @property
     def final(self) -> bool:

@@ -20,7 +20,7 @@ from specserve.workers.engine.kv_cache import BlockTable, KVCacheConfig, PagedKV
 from specserve.workers.engine.kv_prefix import PrefixKV
 from specserve.workers.model.llama import LlamaModel
 from specserve.workers.actors.base import WorkerActor
-from specserve.workers.actors.worker_model import WorkerModel, load_weights
+from specserve.workers.actors.worker_model import WorkerModel
 
 
 class PrefillRunner(Protocol):
@@ -63,11 +63,9 @@ class PrefillWorker(WorkerActor):
         self.worker_model = worker_model
         block_size = worker_model.config.block_size
         if target is None:
-            target = LocalPrefillRunner(load_weights(worker_model.model, worker_model.torch_dtype,
-                                                     worker_model.device), block_size)
+            target = LocalPrefillRunner(worker_model.load_weights(worker_model.model), block_size)
         if draft is None and worker_model.uses_model_drafter:
-            draft = LocalPrefillRunner(load_weights(worker_model.config.spec.draft_model, worker_model.torch_dtype,
-                                                    worker_model.device), block_size)
+            draft = LocalPrefillRunner(worker_model.load_weights(worker_model.config.spec.draft_model), block_size)
         self.target, self.draft = target, draft
         self.prompts = 0
 

@@ -8,13 +8,12 @@ as it does a PrefillWorker's. The second result, the number of tokens prefilled,
 scheduler awaits it to learn whether the group succeeded without fetching the K/V.
 """
 
-import torch
 
 from specserve.workers.engine.kv_prefix import PrefixKV
 from specserve.workers.model.llama import LlamaModel
 from specserve.workers.model.sequence_parallel import SequenceParallelMode, SequenceParallelPrefill
 from specserve.workers.actors.base import WorkerActor
-from specserve.workers.actors.worker_model import WorkerModel, load_weights
+from specserve.workers.actors.worker_model import WorkerModel
 
 
 class PrefillGroupWorker(WorkerActor):
@@ -26,8 +25,8 @@ class PrefillGroupWorker(WorkerActor):
             raise ValueError(f"rank {rank} outside a group of {world_size}")
         worker_model.set_threads()
         self.worker_model, self.rank, self.world_size, self.mode = worker_model, rank, world_size, mode
-        self.model: LlamaModel = model_factory() if model_factory is not None else load_weights(
-            worker_model.model, worker_model.torch_dtype, worker_model.device)
+        self.model: LlamaModel = model_factory() if model_factory is not None else worker_model.load_weights(
+            worker_model.model)
         self.handle = None  # cluster.process_group.GroupHandle once joined
         self.runner: SequenceParallelPrefill | None = None
         self.prompts = 0

@@ -12,7 +12,6 @@ so a stream costs one Ray round trip per step at most, not per token.
 
 import asyncio
 import logging
-import time
 
 from specserve.workers.actors.messages import StreamChunk, VerifyRequest, WorkerInfo
 from specserve.workers.engine.llm_engine import RequestOutput
@@ -21,7 +20,7 @@ from specserve.workers.engine.kv_prefix import PrefixKV
 from specserve.workers.actors.remote_drafter import RemoteDrafter
 from specserve.workers.engine.sequence import FinishReason
 from specserve.workers.actors.base import WorkerActor
-from specserve.workers.actors.worker_model import WorkerModel, load_verify_engine
+from specserve.workers.actors.worker_model import WorkerModel
 
 log = logging.getLogger("specserve.verify_worker")
 PREFIX_TIMEOUT_S = 60.0  # how long to wait for a prefill worker's K/V before prefilling here
@@ -37,10 +36,7 @@ class VerifyWorker(WorkerActor):
         self.remote_drafter = None
         if draft_worker is not None and worker_model.uses_model_drafter:
             self.remote_drafter = RemoteDrafter(draft_worker, draft_timeout_s)
-        self.loaded = load_verify_engine(worker_model, self.remote_drafter)
-        self.steps, self.step_seconds = 0, 0.0  # engine steps run here and their wall time (the breakdown)
-        self._engine_step = self.loaded.engine.step
-        self.loaded.engine.step = self._timed_step  # the loop thread is the only caller
+        self.loaded = worker_model.load_engine(self.remote_drafter)
         self.loop = EngineLoop(self.loaded.engine, max_queued).start()
         self._waiting: set[str] = set()  # requests resolving their prefill K/V, not yet submitted
         self._cancelled: set[str] = set()  # of those, cancelled
@@ -129,16 +125,8 @@ class VerifyWorker(WorkerActor):
 
     def breakdown(self) -> dict:
         """Where this worker's time went: engine steps (draft calls included) and prompt K/V handed over."""
-        return {"steps": self.steps, "step_seconds": self.step_seconds, "prefix_tokens": self.prefix_tokens,
+        return {"steps": self.loop.steps, "step_seconds": self.loop.step_seconds, "prefix_tokens": self.prefix_tokens,
                 "draft": self.drafter_stats()}
-
-    def _timed_step(self):
-        start = time.perf_counter()
-        try:
-            return self._engine_step()
-        finally:
-            self.steps += 1
-            self.step_seconds += time.perf_counter() - start
 
     def stop(self) -> None:
         self.loop.stop(timeout=10)
@@ -149,5 +137,4 @@ def _chunk(request_id: str, item: RequestOutput | Exception) -> StreamChunk:
         return StreamChunk(request_id, [], "", error=str(item), invalid=isinstance(item, ValueError))
     seq = item.seq
     return StreamChunk(request_id, list(item.new_token_ids), item.new_text, item.finished, item.finish_reason,
-                       cached_tokens=seq.cached_tokens, decode_steps=seq.decode_steps, spec_steps=seq.spec_steps,
-                       drafted_tokens=seq.drafted_tokens, accepted_tokens=seq.accepted_tokens)
+                       cached_tokens=seq.cached_tokens, spec=seq.spec)

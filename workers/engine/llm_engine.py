@@ -1,9 +1,15 @@
-"""The in-process engine: requests in, tokens and text out, one forward per step."""
+"""The in-process engine: requests in, tokens and text out, one forward per step.
 
+Every step makes progress or fails the request that blocks it: the planner names sequences it can
+never schedule, and a request whose logits are not finite, or whose sampling or verification
+raises, ends alone (finish_reason ABORT with RequestOutput.error set); the others in the step go on.
+A drafter that raises costs the step its draft trees (plain decoding is exact), no request.
+"""
+
+import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import time
 
 import torch
 
@@ -15,15 +21,19 @@ from specserve.workers.engine.forward_batch import SequenceSlots, build_forward_
 from specserve.workers.engine.kv_cache import KVCacheConfig, PagedKVCache
 from specserve.workers.engine.kv_prefix import PrefixKV
 from specserve.workers.model.llama import LlamaModel
-from specserve.workers.engine.sampler import sample_tokens
-from specserve.workers.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from specserve.workers.engine.sampler import sample_tokens, usable_rows
+from specserve.workers.engine.sequence import (FinishReason, SamplingParams, Sequence, SequenceStatus,
+                                               SequenceView, SpecCounters)
 from specserve.workers.spec.draft_tree import DraftTree
+from specserve.workers.spec.drafter import Drafter
 from specserve.workers.spec.methods import SpecConfig, build_drafter
 from specserve.workers.spec.draft_prefix import DraftPrefixCache
 from specserve.workers.spec.model_drafter import ModelDrafter
 from specserve.workers.spec.latency_profile import measure_latency_curve
 from specserve.workers.spec.speculator import Speculator
 from specserve.workers.spec.tree_size import LatencyCurve
+
+log = logging.getLogger("specserve.engine")
 
 # Draft nodes per sequence and step when the latency model decides (it prunes from here).
 DEFAULT_MAX_DRAFT_TOKENS = 79
@@ -54,7 +64,8 @@ class RequestOutput:
     new_text: str
     finished: bool
     finish_reason: FinishReason | None
-    seq: Sequence
+    seq: SequenceView  # the engine's Sequence here; a Ray request's summary in the scheduler
+    error: str | None = None  # set when the engine failed this request alone (finish_reason ABORT): why
 
 
 class LLMEngine:
@@ -70,13 +81,16 @@ class LLMEngine:
         model_fingerprint: str = "",
         draft_shared_cache: SharedPrefixCache | None = None,
         draft_fingerprint: str = "",
+        model_drafter: Drafter | None = None,
     ):
         """latency_curve: the verify forward's measured t(S); with speculation on and no
         max_draft_tokens it is measured here when not given (pass a cached one).
         draft_model: the `model` drafter's LM (same vocabulary); it gets its own KV pool.
         shared_cache: the prefix cache shared across workers (L2); the KV pool is L1.
         model_fingerprint: names the weights in prefix cache keys (two models never share a block).
-        draft_shared_cache, draft_fingerprint: the same for the draft model's KV."""
+        draft_shared_cache, draft_fingerprint: the same for the draft model's KV.
+        model_drafter: serves the `model` part of the spec method from elsewhere (a verify
+        worker's RemoteDrafter), instead of a draft_model here."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.draft_model = draft_model
         self.shared_cache, self.model_fingerprint = shared_cache, model_fingerprint
@@ -93,14 +107,20 @@ class LLMEngine:
         )
         self.planner = StepPlanner(config.planner, self.kv, self._attach_prefix)
         self.speculator = None
-        drafter = build_drafter(config.spec, mc.vocab_size, self._model_drafter(draft_model))
+        if draft_model is not None and model_drafter is not None:
+            raise ValueError("give draft_model or model_drafter, not both")
+        if model_drafter is None:
+            model_drafter = self._model_drafter(draft_model)
+        drafter = build_drafter(config.spec, mc.vocab_size, model_drafter)
         if drafter is not None:
             max_draft = config.spec.max_draft_tokens or DEFAULT_MAX_DRAFT_TOKENS
             if latency_curve is None and not config.spec.max_draft_tokens:
                 latency_curve = measure_latency_curve(model, self.kv, max_slots=max_draft + 1)
-            self.speculator = Speculator(drafter, self.kv, max_draft, self.max_model_len, latency_curve)
+            self.speculator = Speculator(drafter, self.kv, max_draft, self.max_model_len, latency_curve,
+                                         gate=config.spec.gate)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
+        self.slots_computed = 0  # K/V slots written by forwards since start: grows with every step that runs one
         self._prefix_keys: dict[str, list[bytes]] = {}  # request -> keys of its full prompt blocks
         self._given_kv: dict[str, PrefixKV] = {}  # request -> prompt K/V computed or fetched elsewhere
 
@@ -199,6 +219,13 @@ class LLMEngine:
                 f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len} "
                 "(prompt + at least one new token)"
             )
+        vocab = self.model.config.vocab_size
+        bad = next((i for i, t in enumerate(prompt_ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token {bad} is {prompt_ids[bad]}, not in the vocabulary [0, {vocab})")
+        if prefix_kv is not None and prefix_kv.start % self.config.block_size:
+            raise ValueError(f"prefix_kv.start must be a multiple of the block size "
+                             f"{self.config.block_size}, got {prefix_kv.start}")
         seq = Sequence(list(prompt_ids), params, cache_salt=cache_salt, **({"request_id": request_id} if request_id else {}))
         if seq.request_id in self._requests:
             raise ValueError(f"request_id {seq.request_id!r} is already running")
@@ -207,9 +234,6 @@ class LLMEngine:
         if self.config.prefix_caching:
             self._prefix_keys[seq.request_id] = self.block_keys(seq.prompt_ids, cache_salt)
         if prefix_kv is not None:
-            if prefix_kv.start % self.config.block_size:
-                raise ValueError(f"prefix_kv.start must be a multiple of the block size "
-                                 f"{self.config.block_size}, got {prefix_kv.start}")
             self._given_kv[seq.request_id] = prefix_kv
         self.planner.add(seq)
         return seq
@@ -230,17 +254,26 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def request_ids(self) -> list[str]:
+        """The unfinished requests: every one is waiting or running in the planner."""
+        return list(self._requests)
+
     def step(self) -> list[RequestOutput]:
         """Runs one forward over the planned sequences; returns what each produced."""
         step_start = time.perf_counter()
         trees = self._draft_trees()
-        planned = self.planner.plan({seq: tree.size for seq, tree in trees.items()})
+        plan = self.planner.plan({seq: tree.size for seq, tree in trees.items()})
+        outputs = [self._fail(s.seq, f"internal error: the step planner cannot schedule it: {s.reason}")
+                   for s in plan.stuck]
+        planned = plan.scheduled
         if not planned:
-            return []
+            return outputs
         spans, ready = [], []
         for p in planned:
             seq, tree = p.seq, trees.get(p.seq)
-            if tree is not None and p.num_new == tree.size:
+            # the tree's root is its only token without K/V (a sequence preempted and re-admitted
+            # this step prefills instead, whatever its num_new)
+            if tree is not None and p.num_new == tree.size and seq.num_tokens - seq.num_computed == 1:
                 spans.append(self.speculator.slots(seq, tree))
                 ready.append((seq, tree))
             else:
@@ -251,15 +284,16 @@ class LLMEngine:
                     ready.append((seq, None))
         batch = build_forward_batch(spans, self.kv, self.model.config.sliding_window, self.model.device)
         logits = self.model.forward(batch, self.kv)  # (L, V): tree seqs have one row per node
+        self.slots_computed += batch.num_slots
         for seq, tree in ready:
             if tree is None and not seq.output_ids:  # this step computed the rest of its prompt
                 self._prefill_done(seq)
-        rows = logits.split([c for c in batch.logits_counts if c], dim=0)
-        sampled = iter(self._sample([(seq, row) for (seq, tree), row in zip(ready, rows) if tree is None]))
-        outputs = []
-        for (seq, tree), row in zip(ready, rows):
-            new = [next(sampled)] if tree is None else self.speculator.verify_and_commit(seq, tree, row).tokens
-            outputs.append(self._append(seq, new))
+        counts = [c for c in batch.logits_counts if c]
+        for (seq, tree), row, usable in zip(ready, logits.split(counts), usable_rows(logits).split(counts)):
+            if not usable.all():
+                outputs.append(self._fail(seq, "the model's logits for this request hold NaN or inf"))
+            else:
+                outputs.append(self._advance(seq, tree, row))
         if self.speculator is not None:
             decode = [p.seq for p in planned if p.num_new == (trees[p.seq].size if p.seq in trees else 1)
                       and p.seq.output_ids]  # decoding sequences (the rest prefilled a prompt chunk)
@@ -269,14 +303,23 @@ class LLMEngine:
                                             mixed=len(decode) < len(planned))
         return outputs
 
-    @staticmethod
-    def _sample(plain: list[tuple[Sequence, torch.Tensor]]) -> list[int]:
-        """One token for each sequence without a draft tree, from its logits row [1, V]."""
-        if not plain:
-            return []
-        seqs = [seq for seq, _ in plain]
-        logits = torch.cat([row for _, row in plain])  # (N, V)
-        return sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+    def _advance(self, seq: Sequence, tree: DraftTree | None, logits: torch.Tensor) -> RequestOutput:
+        """Appends seq's next tokens, chosen from its logits [n, V]: one sampled token (n = 1), or
+        its draft tree verified (n = tree.size). An error here fails seq only."""
+        try:
+            if tree is None:
+                new = sample_tokens(logits, [seq.params], [seq.generator])
+            else:
+                new = self.speculator.verify_and_commit(seq, tree, logits).tokens
+            return self._append(seq, new)
+        except Exception as e:  # noqa: BLE001 - one request's failure must not fail the others in the step
+            log.exception("request %s failed in a step", seq.request_id)
+            return self._fail(seq, f"internal error: {type(e).__name__}: {e}")
+
+    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+        """Ends seq alone (finish_reason ABORT, its blocks freed); the output carries the error."""
+        self._finish(seq, FinishReason.ABORT)
+        return RequestOutput(seq.request_id, [], "", True, FinishReason.ABORT, seq, error=error)
 
     def _draft_trees(self) -> dict[Sequence, DraftTree]:
         """Draft trees for the running sequences that are decoding (not mid-prefill), or none
@@ -292,7 +335,12 @@ class LLMEngine:
         # Trees are sized as if the step decoded only: a prefill chunk in the same step makes the
         # step long, but a draft node still costs its own time and must pay for it at the decode
         # rate (sized against the whole step, trees grew to hundreds of nodes and delayed prefill).
-        return dict(zip(drafting, self.speculator.propose(drafting, len(decoding) - len(drafting))))
+        try:
+            trees = self.speculator.propose(drafting, len(decoding) - len(drafting))
+        except Exception:  # noqa: BLE001 - a drafter's failure costs this step its drafts, never a request
+            log.exception("drafting failed: this step decodes without draft trees")
+            return {}
+        return dict(zip(drafting, trees))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, cache_salt: str = "",
                  prefix_kv: PrefixKV | None = None) -> Iterator[RequestOutput]:
@@ -310,7 +358,7 @@ class LLMEngine:
         """Appends tokens one by one until one of them finishes the sequence."""
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
-        seq.decode_steps += 1
+        seq.spec += SpecCounters(decode_steps=1)
         detok = self._detokenizers[seq.request_id]
         taken, text, reason = [], "", None
         for token in new_tokens:

@@ -1,4 +1,10 @@
-"""Token choice from logits: greedy, or temperature / top-k / top-p sampling with a per-request seed."""
+"""Token choice from logits: greedy, or temperature / top-k / top-p sampling with a per-request seed.
+
+Any finite temperature > 0 gives a distribution: the logits are shifted so the largest is 0
+before dividing, so a tiny temperature sends the others to -inf (probability exactly 0) instead
+of overflowing to inf (softmax of inf is NaN). Logits with NaN or +inf give no distribution;
+`usable_rows` finds them so the engine fails that request only.
+"""
 
 import torch
 
@@ -14,7 +20,10 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """
     if params.greedy:
         raise ValueError("greedy requests have no sampling distribution")
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    top = logits.max(dim=-1, keepdim=True).values  # (..., 1)
+    # l / T, shifted by max(l) / T (softmax does not change): 0 at the likeliest tokens, <= 0 elsewhere.
+    logits = torch.where(logits == top, 0.0, (logits - top) / params.temperature)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -27,6 +36,12 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+def usable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] -> [N] bool: rows a token can be chosen from (no NaN, no +inf, and at least
+    one finite value; -inf marks a token that cannot be chosen)."""
+    return ~(logits.isnan() | logits.isposinf()).any(dim=-1) & logits.isfinite().any(dim=-1)
 
 
 def sample_tokens(

@@ -2,8 +2,10 @@
 
 import enum
 import itertools
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import torch
 
@@ -36,8 +38,8 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -50,6 +52,36 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SpecCounters:
+    """How a request's tokens were produced. Counted per sequence by the engine, summed over a
+    loop's finished requests (LoopStats) and over a Ray request's attempts. Every field is a count
+    that adds up: adding a counter here adds it everywhere (a field, nothing else)."""
+
+    decode_steps: int = 0  # forwards that produced tokens for the sequence
+    spec_steps: int = 0  # of those, verify steps over a draft tree
+    drafted_tokens: int = 0  # draft tokens verified (the tree's nodes but its root)
+    accepted_tokens: int = 0  # draft tokens accepted (bonus tokens not counted)
+
+    def __post_init__(self):
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"{f.name} must be >= 0, got {getattr(self, f.name)}")
+
+    def __add__(self, other: "SpecCounters") -> "SpecCounters":
+        return SpecCounters(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+
+class SequenceView(Protocol):
+    """What an output says about its request (RequestOutput.seq): an engine Sequence, or the
+    scheduler's summary of a request streamed from a Ray verify worker."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]  # every token delivered so far
+    cached_tokens: int  # prompt tokens whose KV came from a prefix cache
+    spec: SpecCounters
 
 
 _ids = itertools.count()
@@ -68,10 +100,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
-    decode_steps: int = 0  # forwards that produced tokens for this sequence
-    spec_steps: int = 0  # of those, verify steps over a draft tree
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
+    spec: SpecCounters = SpecCounters()  # replaced (frozen) as steps add to it
     generator: torch.Generator | None = None  # seeded per request when sampling
     cache_salt: str = ""  # requests with different salts never share cached prefix blocks
 

@@ -5,6 +5,12 @@ takes one slot each; a prompt still being prefilled takes what the token budget 
 then waiting sequences are admitted while the budget and the KV pool allow. When the pool
 cannot give a running sequence its next slot, the newest running sequence is preempted:
 its blocks are freed and it waits to be recomputed.
+
+Progress: a plan schedules at least one sequence whenever any waits or runs, or names the
+sequence that blocks the head of the line as stuck (taken out of the queues; the engine fails
+it). The head is the first running sequence (else the first waiting one); it gets the whole
+budget and may preempt everyone after it, so it is stuck only when the state is broken: it has
+no token left to compute, or it does not fit an otherwise empty pool.
 """
 
 from collections import deque
@@ -38,6 +44,22 @@ class PlannedSequence:
         return self.seq.num_computed + self.num_new >= self.seq.num_tokens
 
 
+@dataclass(frozen=True)
+class StuckSequence:
+    seq: Sequence  # out of the queues, its blocks freed
+    reason: str  # why it can never be scheduled, for the request's error
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    scheduled: list[PlannedSequence]  # what the next forward runs, in order
+    stuck: list[StuckSequence]  # to be failed by the caller; empty unless the state is broken
+
+    @classmethod
+    def empty(cls) -> "StepPlan":
+        return cls([], [])
+
+
 class StepPlanner:
     """on_admit(seq): called when a waiting sequence with no KV is about to be scheduled; it may
     fill the sequence's table with cached prefix blocks (given back if the step has no room)."""
@@ -60,7 +82,7 @@ class StepPlanner:
             self.waiting.remove(seq)
         self.kv.free(seq.table)
 
-    def plan(self, decode_slots: dict[Sequence, int] | None = None) -> list[PlannedSequence]:
+    def plan(self, decode_slots: dict[Sequence, int] | None = None) -> StepPlan:
         """decode_slots: slots a decoding sequence asks for (a draft tree's size); default 1.
 
         A sequence gets all it asks for or, when the budget or the pool is short, a plain
@@ -70,17 +92,28 @@ class StepPlanner:
         budget = self.config.max_num_batched_tokens
         free = self.kv.allocator.num_free
         planned: list[PlannedSequence] = []
+        stuck: list[StuckSequence] = []
         for seq in list(self.running):
             if seq not in self.running:  # preempted below to make room
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed, budget)
-            if num_new == 0:
+            if budget == 0:
                 break
+            if seq.num_computed >= seq.num_tokens:
+                stuck.append(self._take_out(seq, f"no token left to compute ({seq.num_computed} of "
+                                                  f"{seq.num_tokens} computed)"))
+                free = self._free_after(planned)
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
             tree = decode_slots.get(seq, 1)
             if num_new == 1 and tree <= budget and self.kv.blocks_needed(seq.table, tree) <= free:
                 num_new = tree  # a draft tree only when it fits without preempting anyone
             while (needed := self.kv.blocks_needed(seq.table, num_new)) > free and self._preempt_newest(seq):
-                free = self.kv.allocator.num_free - sum(self.kv.blocks_needed(p.seq.table, p.num_new) for p in planned)
+                free = self._free_after(planned)
+            if needed > free and not planned:  # alone in the pool, all after it preempted: it never fits
+                stuck.append(self._take_out(seq, f"{num_new} new tokens need {needed} KV blocks, "
+                                                  f"{free} of {self.kv.config.num_blocks} are free"))
+                free = self._free_after(planned)
+                continue
             if needed > free:
                 break
             planned.append(PlannedSequence(seq, num_new))
@@ -98,14 +131,28 @@ class StepPlanner:
             if needed > free:
                 if attached:
                     self.kv.free(seq.table)  # cached blocks go back to the cache, not held while waiting
-                break
+                if self.running or planned:
+                    break  # blocks come back as running sequences finish
+                self.waiting.popleft()  # the pool is empty of requests and still short: it never fits
+                stuck.append(StuckSequence(seq, f"{num_new} new tokens need {needed} KV blocks, {free} of "
+                                                f"{self.kv.config.num_blocks} are free"))
+                free = self._free_after(planned)
+                continue
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             planned.append(PlannedSequence(seq, num_new))
             budget -= num_new
             free -= needed
-        return planned
+        return StepPlan(planned, stuck)
+
+    def _free_after(self, planned: list[PlannedSequence]) -> int:
+        """Blocks the pool still has once the planned sequences have their slots."""
+        return self.kv.allocator.num_free - sum(self.kv.blocks_needed(p.seq.table, p.num_new) for p in planned)
+
+    def _take_out(self, seq: Sequence, reason: str) -> StuckSequence:
+        self.remove(seq)
+        return StuckSequence(seq, reason)
 
     def _preempt_newest(self, keep: Sequence) -> bool:
         victim = self.running[-1]

@@ -4,7 +4,8 @@
          └ b            parents = [  -1, 0, 0, 1]
 
 Nodes are in topological order (a parent before its children). A drafter that samples its
-tokens also records q, the distribution each node was drawn from (at its parent).
+tokens also records q_i, the distribution each node was drawn from (at its parent, given its
+earlier siblings); verification tries siblings in node order, which must be the draw order.
 """
 
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from specserve.kernels.tree import check_parents, tree_depths
 class DraftTree:
     tokens: list[int]  # [n] token of each node; tokens[0] is the root
     parents: list[int]  # [n] parent node of each node; parents[0] == -1
-    draft_q: torch.Tensor | None = None  # [n, V] q of each node's draw (row 0 unused); None = no probabilities
+    draft_q: torch.Tensor | None = None  # [n, V] q_i of each node's draw (row 0 unused); None = no probabilities
     depths: list[int] = field(init=False)  # [n] distance from the root
 
     def __post_init__(self):
@@ -75,7 +76,8 @@ def merge_trees(trees: list[DraftTree], max_nodes: int | None = None) -> DraftTr
     """Union of trees with the same root, as a trie: siblings with the same token become one.
 
     Nodes are taken tree by tree in each tree's order, stopping at max_nodes (root included).
-    Draft probabilities do not survive a merge (the result has draft_q None).
+    Draft probabilities do not survive a merge (the result has draft_q None): a merged tree is
+    verified in the target-only form, which is exact for any tree (verify.py).
     """
     root = trees[0].tokens[0]
     if any(t.tokens[0] != root for t in trees):

@@ -1,11 +1,14 @@
-"""Speculation methods by name: none, recycling, ngram, and '+' combinations of them."""
+"""Speculation methods by name: none, recycling, ngram, suffix, model, '+' combinations of them,
+and auto (suffix, ngram and recycling mixed per request by their observed acceptance)."""
 
 import enum
 from dataclasses import dataclass
 
 from specserve.workers.spec.drafter import CombinedDrafter, Drafter
+from specserve.workers.spec.drafter_mix import DrafterMix
 from specserve.workers.spec.ngram import NgramDrafter
 from specserve.workers.spec.recycling import DEFAULT_TEMPLATE, RecyclingDrafter, find_template
+from specserve.workers.spec.suffix import SuffixDrafter
 
 
 class SpecMethod(enum.Enum):
@@ -13,6 +16,8 @@ class SpecMethod(enum.Enum):
     RECYCLING = "recycling"
     NGRAM = "ngram"
     MODEL = "model"
+    SUFFIX = "suffix"
+    AUTO = "auto"  # suffix, ngram and recycling, node budgets per request by observed acceptance
 
 
 # The fastest lossless train-free method measured (`specserve bench spec`, SmolLM2-135M, 2 CPU
@@ -32,10 +37,13 @@ class SpecConfig:
     max_draft_tokens: int = 0  # draft nodes per sequence and step; 0 = chosen per step by the latency model
     draft_model: str | None = None  # the `model` drafter's model (a --model style argument)
     template: str = DEFAULT_TEMPLATE  # the recycling drafter's tree template: a shipped name or a JSON path
+    # The speculation gate (spec_gate.py) turns drafting off where it measurably does not pay;
+    # False drafts on every decode step whatever it measures (tests, and workloads known to pay).
+    gate: bool = True
 
     def __post_init__(self):
         parts = parse_method(self.method)
-        if SpecMethod.RECYCLING in parts:
+        if SpecMethod.RECYCLING in parts or SpecMethod.AUTO in parts:
             find_template(self.template)  # a bad template is an error before any model loads
         uses_model = SpecMethod.MODEL in parts
         if uses_model and not self.draft_model:
@@ -53,8 +61,9 @@ def parse_method(method: str) -> list[SpecMethod]:
         parts = [SpecMethod(p.strip()) for p in method.split("+")]
     except ValueError:
         raise ValueError(f"unknown spec method {method!r} (valid: {valid}, or several joined by '+')") from None
-    if len(parts) > 1 and SpecMethod.NONE in parts:
-        raise ValueError(f"spec method 'none' cannot be combined, got {method!r}")
+    for alone in (SpecMethod.NONE, SpecMethod.AUTO):
+        if len(parts) > 1 and alone in parts:
+            raise ValueError(f"spec method {alone.value!r} cannot be combined, got {method!r}")
     if len(set(parts)) != len(parts):
         raise ValueError(f"spec method {method!r} names a drafter twice")
     return parts
@@ -67,10 +76,16 @@ def build_drafter(spec: SpecConfig, vocab_size: int, model_drafter: Drafter | No
         return None
     if SpecMethod.MODEL in parts and model_drafter is None:
         raise ValueError("spec method 'model' needs a loaded draft model")
+
+    def recycling() -> RecyclingDrafter:
+        return RecyclingDrafter(vocab_size, find_template(spec.template))
+
     factories = {
-        SpecMethod.RECYCLING: lambda: RecyclingDrafter(vocab_size, find_template(spec.template)),
+        SpecMethod.RECYCLING: recycling,
         SpecMethod.NGRAM: NgramDrafter,
         SpecMethod.MODEL: lambda: model_drafter,
+        SpecMethod.SUFFIX: SuffixDrafter,
+        SpecMethod.AUTO: lambda: DrafterMix([SuffixDrafter(), NgramDrafter(), recycling()]),
     }
     drafters = [factories[m]() for m in parts]
     return drafters[0] if len(drafters) == 1 else CombinedDrafter(drafters)

@@ -7,7 +7,7 @@ from specserve.kernels.tree import tree_attention_mask
 from specserve.workers.engine.forward_batch import SequenceSlots
 from specserve.workers.engine.kv_cache import PagedKVCache
 from specserve.workers.engine.sampler import target_probs
-from specserve.workers.engine.sequence import Sequence
+from specserve.workers.engine.sequence import Sequence, SpecCounters
 from specserve.workers.spec.draft_tree import DraftTree
 from specserve.workers.spec.drafter import Drafter
 from specserve.workers.spec.spec_gate import SpecGate
@@ -30,11 +30,13 @@ class Speculator:
         max_draft_tokens: int,
         max_model_len: int,
         curve: LatencyCurve | None = None,
+        gate: bool = True,
     ):
         self.drafter, self.kv = drafter, kv
         self.max_draft_tokens, self.max_model_len = max_draft_tokens, max_model_len
         self.curve = curve
-        self.gate = SpecGate() if curve is not None else None  # on/off by measured rates, when latency-sized
+        # On/off by measured rates, when latency-sized and not switched off (SpecConfig.gate).
+        self.gate = SpecGate() if curve is not None and gate else None
         self.stats = AcceptanceStats()
 
     def propose(self, seqs: list[Sequence], other_slots: int = 0) -> list[DraftTree]:
@@ -72,9 +74,7 @@ class Speculator:
         self.kv.compact(seq.table, prefix, acceptance.path)
         self.drafter.observe(seq, tree, logits, acceptance)
         self.stats.record(tree, acceptance.path)
-        seq.spec_steps += 1
-        seq.drafted_tokens += tree.num_drafted
-        seq.accepted_tokens += acceptance.num_accepted
+        seq.spec += SpecCounters(spec_steps=1, drafted_tokens=tree.num_drafted, accepted_tokens=acceptance.num_accepted)
         return acceptance
 
     def speculate(self, num_seqs: int, mixed: bool = False) -> bool:

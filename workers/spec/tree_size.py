@@ -2,7 +2,7 @@
 
 Two measurements meet here:
 - a latency curve t(S), the verify forward's time for S slots in one step, profiled once
-  per model, machine, dtype and thread count (cached on disk);
+  per model, machine, dtype, thread count and kernel paths (cached on disk);
 - acceptance statistics: for a node at depth d that is its parent's r-th child, the rate
   a(d, r) at which it is accepted when its parent is. A node's chance to be on the
   accepted path is the product of a() along its path, so keeping the nodes with the highest
@@ -114,9 +114,10 @@ def choose_trees(
     return [tree.select(sorted(k)) for tree, k in zip(trees, keep)]
 
 
-def curve_key(fingerprint: str, machine: str, device: str, dtype: str, threads: int) -> str:
-    """File name of a cached curve: per model, machine, device, dtype and thread count."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{machine}-{device}-{dtype}-t{threads}")
+def curve_key(fingerprint: str, machine: str, device: str, dtype: str, threads: int, kernels: str) -> str:
+    """File name of a cached curve: per model, machine (GPU name, or CPU model and ISA flags),
+    device, dtype, thread count and kernel paths (`KernelChoice.tag`)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{machine}-{device}-{dtype}-t{threads}-{kernels}")
     return f"{fingerprint[:16]}-{safe}"
 
 

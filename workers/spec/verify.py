@@ -6,13 +6,21 @@ below are lossless: greedy returns exactly the target's greedy tokens, and sampl
 tokens distributed exactly as the target's sampling distribution p (temperature, top-k and
 top-p applied to p before verification).
 
-Sampling is recursive rejection over siblings (SpecInfer, arXiv 2305.09781, Algorithm 2): at
-a node with distribution p and children x1, x2, ... drawn from q,
-    accept xi with probability min(1, p(xi) / q(xi));
-    on rejection p <- norm(max(p - q, 0)), and q <- norm(q without xi) (draws without replacement);
+Sampling is recursive rejection over siblings (SpecInfer, arXiv 2305.09781, Algorithm 2;
+recursive rejection sampling, arXiv 2402.14160): at a node with distribution p and children
+x1, x2, ... in order, child xi drawn from q_i (the tree's draft_q row of xi),
+    accept xi with probability min(1, p(xi) / q_i(xi));
+    on rejection p <- norm(max(p - q_i, 0));
     when every child is rejected, the bonus token is drawn from the residual p.
-A drafter without probabilities proposes each child deterministically (q = one-hot at xi),
-which reduces to: accept xi with probability p(xi), else zero p(xi) and renormalise.
+q_i is the distribution xi was drawn from *given its earlier siblings*: the same q for i.i.d.
+draws, q without x1..x(i-1) for draws without replacement. This emits exactly p when each xi
+really is a draw from q_i and whether child i exists is settled before xi is drawn (proof in
+model_drafter.py). Every child is tried, repeated tokens too: a token rejected once has p = 0
+and is rejected again, but its residual step still counts for drawn children.
+A drafter without probabilities proposes each child deterministically (q_i = one-hot at xi),
+which reduces to: accept xi with probability p(xi), else zero p(xi) and renormalise. That form
+is exact for any tree however it was chosen: it is sampling from p and looking the token up
+among the children.
 """
 
 from collections.abc import Callable
@@ -57,24 +65,17 @@ def verify_sampling(
     children = tree.children()
     node, path = 0, [0]
     while True:
-        p = target_p(node).clone()
-        q = tree.draft_q[children[node][0]].clone().float() if tree.draft_q is not None and children[node] else None
+        p = target_p(node)  # [V]
         accepted = None
-        for child in _distinct_children(tree, children[node]):
+        for child in children[node]:
             x = tree.tokens[child]
+            q = None if tree.draft_q is None else tree.draft_q[child].float()  # [V] q_i; None: one-hot at x
             q_x = 1.0 if q is None else float(q[x])
             u = float(torch.rand((), generator=generator))
             if q_x > 0 and u * q_x < float(p[x]):  # u < p(x) / q(x), without dividing by zero
                 accepted = child
                 break
-            if q is None:
-                p[x] = 0.0
-            else:
-                p = (p - q).clamp_(min=0.0)
-                q[x] = 0.0
-                q = q / q.sum() if q.sum() > 0 else q
-            # Never empty: a token holding all of p's mass is accepted with probability 1.
-            p /= p.sum()
+            p = _residual(p, x, q)
         if accepted is None:
             bonus = int(torch.multinomial(p, 1, generator=generator))
             return Acceptance(path, [tree.tokens[n] for n in path[1:]] + [bonus])
@@ -82,11 +83,14 @@ def verify_sampling(
         path.append(node)
 
 
-def _distinct_children(tree: DraftTree, kids: list[int]) -> list[int]:
-    """Siblings in order, each token once (a repeated sibling adds nothing to verification)."""
-    seen, out = set(), []
-    for c in kids:
-        if tree.tokens[c] not in seen:
-            seen.add(tree.tokens[c])
-            out.append(c)
-    return out
+def _residual(p: torch.Tensor, x: int, q: torch.Tensor | None) -> torch.Tensor:
+    """norm(max(p - q, 0)) after x ~ q was rejected; q None: one-hot at x, so p without x."""
+    if q is None:
+        rest = p.clone()
+        rest[x] = 0.0
+    else:
+        rest = (p - q).clamp(min=0.0)
+    total = float(rest.sum())
+    # Never empty in exact arithmetic: a rejection needs p(x) < q(x), so p has mass where q has
+    # less. Rounding can reject when p == q; p then stays as it was.
+    return rest / total if total > 0 else p

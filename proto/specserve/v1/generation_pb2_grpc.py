@@ -59,10 +59,12 @@ class GenerationServicer:
     def Generate(self, request, context):
         """Generates for one prompt and streams the new tokens as they are accepted. The last message
         carries finish_reason, usage and speculation stats. Errors: INVALID_ARGUMENT for a bad field
-        (the message names the field and the limit), RESOURCE_EXHAUSTED when the admission queue is
+        (the message names the field and the limit; also a request_id already in flight),
+        RESOURCE_EXHAUSTED when the admission queue is
         full, UNAUTHENTICATED without a valid bearer token when the server requires one,
         UNAVAILABLE while the server is starting or shutting down, DEADLINE_EXCEEDED / CANCELLED as
-        the client asked (the request's KV and slots are freed within one engine step).
+        the client asked (the request's KV and slots are freed within one engine step), INTERNAL when
+        the engine fails this one request (the message says why; every other request goes on).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,135 @@
+"""`specserve bench SUITE`: the benchmark flags, turned into the typed config each suite's
+`run_*` takes (bench/). The benchmarks never import the CLI; this is the only place that knows
+both argparse and the suites."""
+
+import argparse
+from pathlib import Path
+
+from specserve.scheduler.cli import flags
+
+SUITES = ("engine", "spec", "serve", "prefix", "longctx", "ray", "fuzz", "kernels")
+DEFAULT_BENCH_THREADS = 2  # the machines here have 2 cores
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side, see BENCH.md)")
+    bench.add_argument("suite", choices=SUITES,
+                       help="engine: our engine vs transformers generate(); spec: every drafter vs transformers; "
+                            "serve: server throughput and latency at rising concurrency (gRPC or OpenAI HTTP); "
+                            "prefix: TTFT of 2K/4K-token prompts cold vs prefix cache hits (L1, Redis L2); "
+                            "longctx: sequence-parallel prefill vs workers, verify latency vs context; "
+                            "ray: one stream's tokens/s in-process vs through the Ray worker actors; "
+                            "fuzz: hostile and ordinary requests against a running server (--server), then "
+                            "checks that it still serves with nothing left running; "
+                            "kernels: decode and verify step time of every matmul/attention path vs the bandwidth floor")
+    bench.add_argument("--num-prompts", type=int, default=8, help="prompts per category (HumanEval, ShareGPT)")
+    bench.add_argument("--methods", default="ngram,recycling,ngram+recycling",
+                       help="spec and ray suites: comma-separated spec methods to run beside speculation off")
+    flags.add_spec_tokens(bench)
+    flags.add_draft_model(bench)
+    bench.add_argument("--server", metavar="HOST:PORT", default=None,
+                       help="serve suite: a running server (default: start one in this process)")
+    bench.add_argument("--concurrency", default="1,2,4,8,16", help="serve suite: comma-separated stream counts")
+    bench.add_argument("--api", default="grpc",
+                       help="serve suite: the front door to load: grpc, openai (the HTTP API), or grpc,openai "
+                            "(both on the same server, side by side: HTTP's overhead)")
+    bench.add_argument("--requests-per-level", type=int, default=8,
+                       help="serve suite: requests per concurrency level (at least 2x the concurrency)")
+    bench.add_argument("--requests", type=int, default=10_000, help="fuzz suite: requests to send")
+    bench.add_argument("--streams", type=int, default=8, help="fuzz suite: concurrent streams")
+    bench.add_argument("--token", default=None, help="fuzz suite: the server's bearer token")
+    bench.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON results")
+    bench.add_argument("--lengths", default="4096,8192,16384", help="longctx suite: prompt lengths to prefill")
+    bench.add_argument("--prefill-workers-list", default="1,2,4", help="longctx suite: prefill group sizes")
+    flags.add_sequence_parallel(bench)
+    bench.add_argument("--layers", type=int, default=4, help="longctx suite: prefill with the model's first N layers")
+    bench.add_argument("--skip-decode", action="store_true", help="longctx suite: prefill rows only")
+    flags.add_model_args(bench)
+    flags.add_max_new_tokens(bench)
+    bench.add_argument("--seed", type=int, default=0, help="prompt selection seed")
+
+
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise ValueError(f"{flag} must list integers separated by commas, got {text!r}") from None
+
+
+def _apis(text: str):
+    from specserve.bench.serve_load import Api
+
+    names = [a for a in text.split(",") if a]
+    known = [a.value for a in Api]
+    bad = next((a for a in names if a not in known), None)
+    if bad is not None:
+        raise ValueError(f"--api must list {' and/or '.join(known)}, got {bad!r}")
+    return tuple(Api(a) for a in names)
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    return tuple(m for m in text.split(",") if m)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Builds the suite's config from the flags (each config validates its fields) and runs it;
+    the exit status (fuzz: 1 when the server failed a check)."""
+    if args.suite == "fuzz":
+        return _run_fuzz(args)
+    if args.suite == "kernels":
+        from specserve.bench.kernel_paths import KernelPathsConfig, run_kernel_paths_bench
+
+        dtype = "float32" if args.dtype == "auto" else args.dtype
+        run_kernel_paths_bench(KernelPathsConfig(model=args.model, dtype=dtype,
+                                                 threads=args.threads or DEFAULT_BENCH_THREADS, out=args.out))
+        return 0
+    common = {"model": args.model, "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
+              "seed": args.seed, "out": args.out}
+    threads = args.threads or DEFAULT_BENCH_THREADS
+    if args.suite == "serve":
+        from specserve.bench.serve_load import ServeBenchConfig, run_serve_bench
+
+        run_serve_bench(ServeBenchConfig(
+            **common, concurrency=_ints("--concurrency", args.concurrency), requests_per_level=args.requests_per_level,
+            server=args.server, load=flags.load_options(args), spec_tokens=args.spec_tokens, apis=_apis(args.api)))
+    elif args.suite == "longctx":
+        from specserve.bench.long_context import LongContextBenchConfig, run_longctx_bench
+        from specserve.workers.model.sequence_parallel import SequenceParallelMode
+
+        run_longctx_bench(LongContextBenchConfig(
+            **common, lengths=_ints("--lengths", args.lengths),
+            group_sizes=_ints("--prefill-workers-list", args.prefill_workers_list),
+            mode=SequenceParallelMode(args.sequence_parallel), layers=args.layers, skip_decode=args.skip_decode,
+            threads=threads))
+    elif args.suite == "prefix":
+        from specserve.bench.prefix_cache import PrefixBenchConfig, run_prefix_bench
+
+        run_prefix_bench(PrefixBenchConfig(**common, load=flags.load_options(args, threads)))
+    elif args.suite == "ray":
+        from specserve.bench.ray_vs_inprocess import RayBenchConfig, run_ray_bench
+
+        run_ray_bench(RayBenchConfig(**common, methods=_methods(args.methods), spec_tokens=args.spec_tokens,
+                                     draft_model=args.draft_model, device=args.device, dtype=args.dtype,
+                                     threads=threads))
+    elif args.suite == "spec":
+        from specserve.bench.spec_vs_hf import SpecBenchConfig, run_spec_bench
+
+        run_spec_bench(SpecBenchConfig(**common, methods=_methods(args.methods), spec_tokens=args.spec_tokens,
+                                       device=args.device, dtype=args.dtype, threads=threads))
+    else:
+        from specserve.bench.engine_vs_hf import EngineBenchConfig, run_engine_bench
+
+        run_engine_bench(EngineBenchConfig(**common, load=flags.load_options(args, threads)))
+    return 0
+
+
+def _run_fuzz(args: argparse.Namespace) -> int:
+    from specserve.bench.fuzz import FuzzBenchConfig, format_report, run_fuzz
+
+    if args.server is None:
+        raise ValueError("bench fuzz needs --server HOST:PORT (a running `specserve serve`)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = run_fuzz(FuzzBenchConfig(args.server, requests=args.requests, streams=args.streams, seed=args.seed,
+                                      token=args.token, out=args.out / "fuzz.json"))
+    print(format_report(report))
+    return 0 if report.passed else 1

@@ -1,0 +1,48 @@
+"""bench/ never imports the CLI (scheduler/cli): each suite runs from its typed config alone."""
+
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import specserve.bench
+
+MODULES = sorted(f"specserve.bench.{m.name}" for m in pkgutil.iter_modules(specserve.bench.__path__))
+
+
+def test_every_bench_module_is_checked():
+    suites = {"engine_vs_hf", "spec_vs_hf", "serve_load", "prefix_cache", "long_context", "ray_vs_inprocess"}
+    assert {f"specserve.bench.{name}" for name in suites} <= set(MODULES)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_a_bench_module_does_not_import_the_cli(module):
+    code = (f"import sys, {module}\n"
+            "cli = sorted(m for m in sys.modules if (m + '.').startswith('specserve.scheduler.cli.'))\n"
+            "print(','.join(cli))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()}"
+
+
+def test_the_cli_builds_the_suites_typed_config(monkeypatch):
+    from specserve.bench import long_context
+    from specserve.scheduler.cli.main import main
+    from specserve.workers.model.sequence_parallel import SequenceParallelMode
+
+    built = []
+    monkeypatch.setattr(long_context, "run_longctx_bench", built.append)
+    assert main(["bench", "longctx", "--lengths", "64,128", "--prefill-workers-list", "1,2",
+                 "--sequence-parallel", "ulysses", "--layers", "2", "--skip-decode"]) == 0
+    assert built == [long_context.LongContextBenchConfig(
+        lengths=(64, 128), group_sizes=(1, 2), mode=SequenceParallelMode.ULYSSES, layers=2, skip_decode=True)]
+
+
+def test_a_bad_config_is_refused_naming_the_field():
+    from specserve.bench.serve_load import ServeBenchConfig
+
+    with pytest.raises(ValueError, match="concurrency must list positive integers"):
+        ServeBenchConfig(concurrency=(4, 0))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        ServeBenchConfig(max_new_tokens=0)
