@@ -185,11 +185,13 @@ class SpecServer:
             await asyncio.sleep(0.05)
         for loop in self.loops:
             loop.stop(timeout=10)
-        if self._on_shutdown is not None:
-            await asyncio.to_thread(self._on_shutdown)
+        # Front doors first, the backend last: an RPC handler freed after Ray's shutdown would drop
+        # Ray references into a destroyed core worker (the process aborted, SIGABRT, on SIGTERM).
         await self._server.stop(grace=1.0)
         if self._http is not None:
             await self._http.stop()
+        if self._on_shutdown is not None:
+            await asyncio.to_thread(self._on_shutdown)
         if self.metrics is not None:
             self.metrics.close()
 
