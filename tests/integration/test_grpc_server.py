@@ -1,7 +1,6 @@
 """The gRPC server over loopback: a real grpc.aio server, real clients, a tiny random model."""
 
 import shutil
-import subprocess
 import threading
 import time
 import urllib.request
@@ -15,6 +14,7 @@ from specserve.scheduler.server.grpc_server import ServerConfig
 from specserve.v1 import generation_pb2 as pb
 from specserve.workers.engine.sequence import SamplingParams
 
+from tests.helpers.tls import self_signed_cert
 from tests.helpers.tiny_server import load_tiny, start_server
 from tests.helpers.tiny_folder import save_tiny_model
 
@@ -193,10 +193,7 @@ def test_auth_is_required_beyond_loopback():
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_tls(model_folder, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     server = start(model_folder, tls_cert=cert, tls_key=key)
     try:
         with Client(f"localhost:{server.port}", root_certificates=cert) as client:

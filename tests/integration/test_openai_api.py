@@ -5,7 +5,6 @@ import asyncio
 import json
 import shutil
 import ssl
-import subprocess
 import threading
 import time
 import urllib.error
@@ -20,6 +19,7 @@ from specserve.scheduler.cli.serve import server_config
 from specserve.scheduler.client import Client, build_request
 from specserve.scheduler.server.grpc_server import ServerConfig, ServerThread
 
+from tests.helpers.tls import self_signed_cert
 from tests.helpers.tiny_server import load_tiny, start_server
 from tests.helpers.tiny_folder import save_tiny_model
 
@@ -359,10 +359,7 @@ def test_bearer_token(model_folder):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_tls(model_folder, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     server = start(model_folder, tls_cert=cert, tls_key=key)
     try:
         trusting = openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=str(cert)))
