@@ -58,3 +58,28 @@ def test_multi_token_steps_respect_max_new_tokens_and_eos(model):
     seqs = run(model, spec, SamplingParams(max_new_tokens=30), eos=[eos], draft=model)
     first = seqs[0].output_ids
     assert first[-1] == eos and eos not in first[:-1] and seqs[0].finish_reason is FinishReason.STOP
+
+
+def test_fixed_max_draft_tokens_ignores_a_latency_curve(model):
+    """A fixed max_draft_tokens means fixed trees: a cached curve that says every extra slot
+    costs 10x (one measured on a contended machine) must not prune them to nothing."""
+    from specserve.workers.spec.tree_size import LatencyCurve
+
+    steep = LatencyCurve((1, 2, 16), (0.001, 0.01, 0.011))
+    config = EngineConfig(block_size=4, kv_cache_bytes=1 << 20, spec=SpecConfig("model", 8, draft_model="self"))
+    engine = LLMEngine(model, tiny_tokenizer(), config, eos_token_ids=(), draft_model=model, latency_curve=steep)
+    assert engine.speculator.curve is None and engine.speculator.gate is None
+    seq = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=24))
+    while engine.has_unfinished():
+        engine.step()
+    assert seq.spec.drafted_tokens > 0 and seq.spec.accepted_tokens > 0
+
+
+def test_measured_latency_curve_never_falls_as_slots_grow(model):
+    from specserve.workers.spec.latency_profile import measure_latency_curve
+
+    engine = LLMEngine(model, tiny_tokenizer(), EngineConfig(block_size=4, kv_cache_bytes=1 << 20), eos_token_ids=())
+    curve = measure_latency_curve(model, engine.kv, max_slots=16, context_len=8, repeats=2, progress=False)
+    assert curve.slots == (1, 2, 4, 8, 16)
+    assert list(curve.seconds) == sorted(curve.seconds) and curve.seconds[0] > 0
+    assert engine.kv.allocator.num_free == engine.kv.config.num_blocks

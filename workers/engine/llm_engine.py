@@ -83,8 +83,9 @@ class LLMEngine:
         draft_fingerprint: str = "",
         model_drafter: Drafter | None = None,
     ):
-        """latency_curve: the verify forward's measured t(S); with speculation on and no
-        max_draft_tokens it is measured here when not given (pass a cached one).
+        """latency_curve: the verify forward's measured t(S), which sizes every step's trees;
+        with speculation on and no max_draft_tokens it is measured here when not given (pass a
+        cached one). A fixed max_draft_tokens means fixed trees: no curve is used then.
         draft_model: the `model` drafter's LM (same vocabulary); it gets its own KV pool.
         shared_cache: the prefix cache shared across workers (L2); the KV pool is L1.
         model_fingerprint: names the weights in prefix cache keys (two models never share a block).
@@ -114,7 +115,9 @@ class LLMEngine:
         drafter = build_drafter(config.spec, mc.vocab_size, model_drafter)
         if drafter is not None:
             max_draft = config.spec.max_draft_tokens or DEFAULT_MAX_DRAFT_TOKENS
-            if latency_curve is None and not config.spec.max_draft_tokens:
+            if config.spec.max_draft_tokens:
+                latency_curve = None  # the trees the drafter proposes, up to that cap, whatever timing says
+            elif latency_curve is None:
                 latency_curve = measure_latency_curve(model, self.kv, max_slots=max_draft + 1)
             self.speculator = Speculator(drafter, self.kv, max_draft, self.max_model_len, latency_curve,
                                          gate=config.spec.gate)

@@ -125,7 +125,7 @@ def load_engine(model: str, options: LoadOptions = LoadOptions(), model_drafter:
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_info().identity
     key = curve_key(source.fingerprint, machine, device, str(torch_dtype), torch.get_num_threads(), weights.kernels.tag)
     curve_path = cache_root() / "profiles" / f"{key}.json"
-    curve = LatencyCurve.load(curve_path)
+    curve = LatencyCurve.load(curve_path) if not config.spec.max_draft_tokens else None  # fixed trees: unused
     shared, draft_shared = None, None
     if options.redis_url:
         store = RedisBlockStore(options.redis_url)
