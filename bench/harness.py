@@ -41,12 +41,14 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
-def run_ours(engine: LLMEngine, ids: list[int], n: int) -> tuple[list[int], float, Sequence]:
+def run_ours(engine: LLMEngine, ids: list[int], n: int, cache_salt: str | None = None) -> tuple[list[int], float, Sequence]:
     """Exactly n new greedy tokens (end-of-sequence ignored); returns tokens, seconds, sequence.
-    Each run has a fresh cache salt: like transformers, it recomputes the whole prompt, never
-    reusing what an earlier run left in our prefix cache."""
+    By default each run has a fresh cache salt: like transformers, it recomputes the whole prompt,
+    never reusing what an earlier run left in our prefix cache. A given cache_salt shares what
+    earlier runs with that salt cached (multi-turn traces, where that reuse is the point)."""
     start = time.perf_counter()
-    seq = engine.add_request(ids, SamplingParams(max_new_tokens=n, ignore_eos=True, cache_salt=uuid.uuid4().hex))
+    salt = uuid.uuid4().hex if cache_salt is None else cache_salt
+    seq = engine.add_request(ids, SamplingParams(max_new_tokens=n, ignore_eos=True), cache_salt=salt)
     while engine.has_unfinished():
         engine.step()
     return seq.output_ids, time.perf_counter() - start, seq

@@ -121,8 +121,7 @@ def _long_prefill_router(args, engine):
 
 
 def _serve(args) -> None:
-    from specserve.scheduler.cli.serve import serve, server_config
-    from specserve.scheduler.ray.start import ray_serve_options
+    from specserve.scheduler.cli.serve import ray_serve_options, serve, server_config
 
     serve(server_config(args), args.model, flags.load_options(args), ray_serve_options(args))
 

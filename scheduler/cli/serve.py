@@ -5,8 +5,11 @@ import os
 import signal
 import sys
 
+from specserve.cluster.placement import RoleSpec
 from specserve.workers.model.loader import LoadOptions, load_engine
+from specserve.workers.model.sequence_parallel import SequenceParallelMode
 
+from specserve.scheduler.ray.config import RayBackendConfig
 from specserve.scheduler.ray.start import RayServeOptions, served_model_from, start_backend, stop_backend
 from specserve.scheduler.server.grpc_server import ServerConfig, SpecServer
 
@@ -18,6 +21,28 @@ def server_config(args) -> ServerConfig:
         metrics_port=None if args.no_metrics else args.metrics_port, shutdown_grace_s=args.shutdown_grace_s,
         http_port=None if args.no_http else args.http_port,
     )
+
+
+def ray_serve_options(args) -> RayServeOptions | None:
+    """From `specserve serve` arguments; None with --no-ray (the engine runs in this process)."""
+    if args.no_ray:
+        if args.address is not None:
+            raise ValueError("--address and --no-ray exclude each other")
+        return None
+
+    def role(prefix: str, replicas: int) -> RoleSpec:
+        return RoleSpec(replicas=replicas, num_cpus=getattr(args, f"{prefix}_cpus"),
+                        num_gpus=getattr(args, f"{prefix}_gpus"))
+
+    verify_replicas = args.verify_replicas if args.verify_replicas is not None else args.replicas
+    backend = RayBackendConfig(
+        name=args.deployment_name, verify=role("verify", verify_replicas),
+        prefill=role("prefill", args.prefill_replicas), draft=role("draft", args.draft_replicas),
+        prefill_threshold=args.prefill_threshold, max_queued=args.max_queued, keep_workers=args.keep_workers,
+        prefill_group_size=args.prefill_group_size, sequence_parallel=SequenceParallelMode(args.sequence_parallel),
+        long_prompt_threshold=args.long_prompt_threshold,
+    )
+    return RayServeOptions(args.address, backend)
 
 
 def serve(config: ServerConfig, model: str, load_options: LoadOptions,

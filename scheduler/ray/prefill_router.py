@@ -1,6 +1,6 @@
 """Which way a prompt's K/V is computed before its verify worker decodes it.
 
-- prompts of at least the group's threshold, with a sequence-parallel prefill group and no draft
+- prompts of more than the group's threshold (LongPromptPolicy), with a sequence-parallel prefill group and no draft
   worker (the group prefills the target only): the group (scheduler/ray/prefill_group.py);
 - prompts of at least `threshold` tokens: a PrefillWorker, taken in turn, for the target's and
   (with a draft worker) the draft model's K/V;

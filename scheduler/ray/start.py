@@ -4,10 +4,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from specserve.cluster.placement import RoleSpec
 from specserve.cluster.ray_cluster import ClusterInfo, RayConnectConfig, connect, disconnect
 from specserve.workers.actors.messages import WorkerInfo
-from specserve.workers.model.sequence_parallel import SequenceParallelMode
 from specserve.workers.spec.methods import SpecMethod
 from specserve.workers.actors.worker_model import WorkerModel
 from specserve.workers.model.loader import LoadOptions
@@ -21,28 +19,6 @@ from specserve.scheduler.server.validation import ServedModel
 class RayServeOptions:
     address: str | None  # None: embedded local Ray; "auto" or host:port: join
     backend: RayBackendConfig
-
-
-def ray_serve_options(args) -> RayServeOptions | None:
-    """From `specserve serve` arguments; None with --no-ray (the engine runs in this process)."""
-    if args.no_ray:
-        if args.address is not None:
-            raise ValueError("--address and --no-ray exclude each other")
-        return None
-
-    def role(prefix: str, replicas: int) -> RoleSpec:
-        return RoleSpec(replicas=replicas, num_cpus=getattr(args, f"{prefix}_cpus"),
-                        num_gpus=getattr(args, f"{prefix}_gpus"))
-
-    verify_replicas = args.verify_replicas if args.verify_replicas is not None else args.replicas
-    backend = RayBackendConfig(
-        name=args.deployment_name, verify=role("verify", verify_replicas),
-        prefill=role("prefill", args.prefill_replicas), draft=role("draft", args.draft_replicas),
-        prefill_threshold=args.prefill_threshold, max_queued=args.max_queued, keep_workers=args.keep_workers,
-        prefill_group_size=args.prefill_group_size, sequence_parallel=SequenceParallelMode(args.sequence_parallel),
-        long_prompt_threshold=args.long_prompt_threshold,
-    )
-    return RayServeOptions(args.address, backend)
 
 
 def embedded_cpus(config: RayBackendConfig, uses_draft: bool) -> int:

@@ -139,7 +139,7 @@ def test_member_killed_mid_prefill_request_completes_and_group_reforms(ray_clust
 
 def test_serve_flags_reach_the_backend_config():
     from specserve.scheduler.cli.main import build_parser
-    from specserve.scheduler.ray.start import ray_serve_options
+    from specserve.scheduler.cli.serve import ray_serve_options
 
     parser = build_parser()
     default = ray_serve_options(parser.parse_args(["serve", "--model", "m"])).backend

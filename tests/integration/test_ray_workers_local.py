@@ -12,7 +12,7 @@ from specserve.scheduler.cli.main import build_parser
 from specserve.scheduler.ray.actor_pool import VerifyReplica
 from specserve.scheduler.ray.remote_loop import RemoteEngineLoop
 from specserve.scheduler.ray.remote_request import RemoteRequest
-from specserve.scheduler.ray.start import ray_serve_options
+from specserve.scheduler.cli.serve import ray_serve_options
 from specserve.workers.actors.messages import StreamChunk
 from specserve.workers.engine.engine_loop import LoopStoppedError, QueueFullError
 from specserve.workers.actors.messages import DraftedTrees

@@ -10,7 +10,7 @@ and the model's shapes (delete the file to measure again). A mode naming a matmu
 attention in its default path, and measures nothing.
 
 A `torch.compile`d decode step is not a candidate: compiling the paged forward on a 2-core CPU
-takes far longer than the measurement budget, and its shapes change every step.
+takes far longer than the whole measurement (a few seconds), and its shapes change every step.
 """
 
 import hashlib
@@ -29,6 +29,9 @@ from specserve.workers.model.kernel_timing import Kind, KernelTimes, measure_ker
 from specserve.workers.model.model_config import ModelConfig
 
 AUTO = "auto"
+# Part of the cache key: bumped when the measurement changes, so choices made the old way are
+# measured again (2: rounds over every size, no time budget; see kernel_timing.py).
+MEASUREMENT_VERSION = 2
 KERNEL_MODES = (AUTO, *(k.value for k in MatmulKernel))
 
 
@@ -83,7 +86,7 @@ def forced_choice(mode: str, device: torch.device, dtype: torch.dtype) -> Kernel
 def kernel_key(cpu: CpuInfo, device: torch.device, dtype: torch.dtype, threads: int, config: ModelConfig) -> str:
     """File name stem of a cached choice: a hash of everything that changes which path wins."""
     parts = {
-        "cpu": cpu.identity, "torch": torch.__version__, "threads": threads, "device": str(device), "dtype": str(dtype),
+        "measurement": MEASUREMENT_VERSION, "cpu": cpu.identity, "torch": torch.__version__, "threads": threads, "device": str(device), "dtype": str(dtype),
         "shapes": [config.vocab_size, config.hidden_size, config.intermediate_size, config.num_layers,
                    config.num_heads, config.num_kv_heads, config.head_dim, config.attention_bias, config.mlp_bias],
     }

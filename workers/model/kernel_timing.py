@@ -1,11 +1,15 @@
 """Times every kernel path of each kind on this machine, with weights of a model's shapes.
 
-Per kind (`Kind`), every candidate path runs at ROW_COUNTS rows; repeats go round-robin over
-the candidates, so a burst of load from a neighbour hits them alike, and the best run of each
-counts (noise only adds time). A path's score is the ROW_WEIGHTS-weighted total of its times,
-weighted toward decode (1 row per sequence) and verify (a draft tree of a few to a few dozen
-nodes). A path whose best is over DROP_FACTOR x the fastest at some row count is not timed at
-larger ones (bf16 `mm` on an AVX2 CPU takes seconds at 64 rows) and cannot win.
+Per kind (`Kind`), every candidate path runs at ROW_COUNTS rows, in ROUNDS rounds that each go
+over every row count and every candidate once: a burst of load from a neighbour then slows one
+sample of many paths and sizes, not every sample of one, and the best run of each counts (noise
+only adds time). The choice is cached for good, so it is never cut short: a measurement cut to
+one sample per size on a loaded 2-core box (the old time budget) once chose `mm`, whose 16-node
+verify step is 1.6x onednn's there. A path's score is the ROW_WEIGHTS-weighted total of its
+times, weighted toward decode (1 row per sequence) and verify (a draft tree of a few to a few
+dozen nodes). A path whose first-round time at some row count is over DROP_FACTOR x the fastest
+and over DROP_MIN_S is not timed at larger ones (bf16 `mm` on an AVX2 CPU takes seconds at 64
+rows) and cannot win; a slow sample of a few milliseconds never drops a path.
 
 The weights are random, of the model's shapes: one layer's projections repeated until
 STREAM_BYTES are read per run (as in a decode step, the reads then come from memory, not
@@ -32,9 +36,9 @@ ROW_WEIGHTS = (4.0, 2.0, 2.0, 1.0)  # per ROW_COUNTS entry
 STREAM_BYTES = 32 << 20  # weight bytes read per timed matmul run: past the last-level caches seen here
 CONTEXT_KEYS = 512  # keys each attention query row sees
 ATTENTION_CALLS = 8  # attention calls per timed run (a step makes one per layer)
-REPEATS = 3  # timed runs per path and row count, after one warm-up
-BUDGET_S = 3.0  # past it (a machine loaded by others) each size is timed once, not REPEATS times
-DROP_FACTOR = 4.0  # a path this many times slower than the fastest at a row count is not timed further
+ROUNDS = 5  # timed runs per path and row count, one per round, after one warm-up
+DROP_FACTOR = 4.0  # a path this many times slower than the fastest at a row count is not timed further...
+DROP_MIN_S = 0.05  # ...when it also took this long (a real cost, not a scheduling hiccup)
 
 
 class Kind(Enum):
@@ -74,23 +78,31 @@ class KernelTimes:
                 "threads": self.threads, "elapsed_s": self.elapsed_s, "paths": [p.to_json() for p in self.paths]}
 
 
-def _time_candidates(kind: Kind, runs: dict, bar, deadline: float) -> list[PathTimes]:
-    """runs: path -> fn(rows) that runs the path once at that row count. Past `deadline`
-    (perf_counter seconds) every row count gets one timed run per path, no repeats."""
+def _time_candidates(kind: Kind, runs: dict, bar) -> list[PathTimes]:
+    """runs: path -> fn(rows) that runs the path once at that row count."""
     best = {path: [math.inf] * len(ROW_COUNTS) for path in runs}
-    alive = list(runs)
-    for i, rows in enumerate(ROW_COUNTS):
+    largest = {path: len(ROW_COUNTS) for path in runs}  # row counts timed: a dropped path stops early
+    for i, rows in enumerate(ROW_COUNTS):  # warm-up (first-touch allocations), then the first round
+        alive = [p for p in runs if largest[p] > i]
         for path in alive:
-            runs[path](rows)  # warm-up: first-touch allocations
-        for repeat in range(REPEATS):
-            if repeat > 0 and time.perf_counter() > deadline:
-                break
-            for path in alive:
-                start = time.perf_counter()
-                runs[path](rows)
-                best[path][i] = min(best[path][i], time.perf_counter() - start)
+            runs[path](rows)
+        for path in alive:
+            start = time.perf_counter()
+            runs[path](rows)
+            best[path][i] = time.perf_counter() - start
         fastest = min(best[p][i] for p in alive)
-        alive = [p for p in alive if best[p][i] <= DROP_FACTOR * fastest]  # the rest stay inf from here on
+        for path in alive:
+            if best[path][i] > max(DROP_FACTOR * fastest, DROP_MIN_S):
+                largest[path] = i + 1
+                best[path][i + 1 :] = [math.inf] * (len(ROW_COUNTS) - i - 1)
+    bar.update(1)
+    for _ in range(ROUNDS - 1):
+        for i, rows in enumerate(ROW_COUNTS):
+            for path in runs:
+                if largest[path] > i:
+                    start = time.perf_counter()
+                    runs[path](rows)
+                    best[path][i] = min(best[path][i], time.perf_counter() - start)
         bar.update(1)
     return [PathTimes(kind, path, tuple(best[path])) for path in runs]
 
@@ -139,13 +151,12 @@ def measure_kernels(config: ModelConfig, dtype: torch.dtype, progress: bool = Tr
     copies = max(1, min(config.num_layers, STREAM_BYTES // layer_bytes))
     vocab_rows = max(1, min(config.vocab_size, STREAM_BYTES // (hidden * dtype.itemsize)))
     paths = []
-    with tqdm(total=3 * len(ROW_COUNTS), desc="choosing kernels", unit="size", disable=not progress,
-              leave=False) as bar:
+    with tqdm(total=3 * ROUNDS, desc="choosing kernels", unit="round", disable=not progress, leave=False) as bar:
         projections = [_random(shape, dtype, gen) for _ in range(copies) for shape in layer]
-        paths += _time_candidates(Kind.PROJECTIONS, _matmul_runs(projections, dtype, gen), bar, start + BUDGET_S / 3)
+        paths += _time_candidates(Kind.PROJECTIONS, _matmul_runs(projections, dtype, gen), bar)
         del projections
         lm_head = [_random((vocab_rows, hidden), dtype, gen)]
-        paths += _time_candidates(Kind.LM_HEAD, _matmul_runs(lm_head, dtype, gen), bar, start + BUDGET_S * 2 / 3)
+        paths += _time_candidates(Kind.LM_HEAD, _matmul_runs(lm_head, dtype, gen), bar)
         del lm_head
-        paths += _time_candidates(Kind.ATTENTION, _attention_runs(config, dtype, gen), bar, start + BUDGET_S)
+        paths += _time_candidates(Kind.ATTENTION, _attention_runs(config, dtype, gen), bar)
     return KernelTimes(tuple(paths), str(dtype), torch.get_num_threads(), time.perf_counter() - start)

@@ -22,6 +22,9 @@ from pathlib import Path
 from specserve.workers.spec.draft_tree import DraftTree
 
 MAX_DEPTH, MAX_RANK = 16, 16
+# Part of a cached curve's file name: bumped when the measurement changes, so curves measured the
+# old way are measured again (2: interleaved rounds, non-decreasing; see latency_profile.py).
+CURVE_MEASUREMENT = 2
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def curve_key(fingerprint: str, machine: str, device: str, dtype: str, threads: 
     """File name of a cached curve: per model, machine (GPU name, or CPU model and ISA flags),
     device, dtype, thread count and kernel paths (`KernelChoice.tag`)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{machine}-{device}-{dtype}-t{threads}-{kernels}")
-    return f"{fingerprint[:16]}-{safe}"
+    return f"{fingerprint[:16]}-{safe}-m{CURVE_MEASUREMENT}"
 
 
 def default_slot_counts(max_slots: int) -> list[int]:

