@@ -1,6 +1,7 @@
 """Speculation inside the engine on tiny models: same tokens as without it, stops honoured."""
 
 import pytest
+import torch
 
 from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
 from specserve.workers.engine.sequence import FinishReason, SamplingParams
@@ -83,3 +84,19 @@ def test_measured_latency_curve_never_falls_as_slots_grow(model):
     assert curve.slots == (1, 2, 4, 8, 16)
     assert list(curve.seconds) == sorted(curve.seconds) and curve.seconds[0] > 0
     assert engine.kv.allocator.num_free == engine.kv.config.num_blocks
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    return ours_from_hf(tiny_hf("llama", initializer_range=0.3), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix", "recycling", "model"])
+def test_bf16_speculation_is_token_identical_to_bf16_without(bf16_model, method):
+    """--dtype bfloat16 on CPU: a draft tree's rows go through the same kernels as one decode
+    row, so speculation may not change a bf16 greedy output either."""
+    reference = [s.output_ids for s in run(bf16_model, SpecConfig("none"))]
+    draft = bf16_model if method == "model" else None
+    seqs = run(bf16_model, SpecConfig(method, 8, draft_model="self" if draft else None), draft=draft)
+    assert [s.output_ids for s in seqs] == reference
+    assert sum(s.spec.drafted_tokens for s in seqs) > 0
