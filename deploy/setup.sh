@@ -40,4 +40,14 @@ else
          "skipped (or fail under CI). Install redis-server by hand." >&2
 fi
 
+# iproute2 (`ip netns`, `tc`): the network-namespace fault tests (cluster/netns_lab.py) need it.
+if ! command -v ip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing iproute2 (apt)"
+    SUDO=()
+    if [[ $EUID -ne 0 ]] && command -v sudo >/dev/null 2>&1; then SUDO=(sudo); fi
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" apt-get install -y -qq iproute2 >/dev/null
+fi
+
 echo "==> setup done"
