@@ -34,6 +34,7 @@ def build_request(
     cache_salt: str = "",
     request_id: str = "",
     ignore_eos: bool = False,
+    logprobs: int | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keywords; exactly one of prompt, messages, prompt_token_ids."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
@@ -47,7 +48,8 @@ def build_request(
         request.messages.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in messages]))
     else:
         request.prompt_token_ids.CopyFrom(pb.TokenIds(ids=prompt_token_ids))
-    for field, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+    for field, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed),
+                         ("logprobs", logprobs)):
         if value is not None:
             setattr(request, field, value)
     return request

@@ -78,7 +78,7 @@ class RemoteRequest:
         s.cached_tokens = chunk.cached_tokens if self.first_cached is None else self.first_cached
         s.spec = self.done_spec + chunk.spec
         return RequestOutput(self.request_id, chunk.new_token_ids, chunk.new_text, chunk.finished,
-                             chunk.finish_reason, s)
+                             chunk.finish_reason, s, new_logprobs=chunk.new_logprobs)
 
     def deliver(self, item: RequestOutput | Exception) -> None:
         """Hands an output to the receiver; nothing after the last one."""

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from specserve.v1 import generation_pb2 as pb
 
 from specserve.scheduler.server import openai_types as oa
+from specserve.scheduler.server.openai_logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from specserve.scheduler.server.servicer import GenerationServicer
 from specserve.scheduler.server.validation import InvalidRequest, ServedModel
 
@@ -230,11 +231,20 @@ def create_app(servicer: GenerationServicer, serving: Callable[[], bool], token:
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = _parse(oa.ChatCompletionRequest, await request.body())
-        return await run(body, f"chatcmpl-{uuid.uuid4().hex}", {"max_tokens": body.max_tokens_field}, _chat_events)
+        return await run(body, f"chatcmpl-{uuid.uuid4().hex}", {"max_tokens": body.max_tokens_field,
+                                                                 "logprobs": "top_logprobs"}, _chat_events)
+
+    known_texts = None  # TokenTexts of the served model's tokenizer, made when first needed
+
+    def token_texts(m: ServedModel) -> TokenTexts:
+        nonlocal known_texts
+        if known_texts is None or known_texts.tokenizer is not m.tokenizer:
+            known_texts = TokenTexts(m.tokenizer)
+        return known_texts
 
     async def run(body, request_id: str, field_names: dict[str, str], events) -> Response:
         """Validates and admits the request (refusals are statuses), then answers it whole or streamed."""
-        model(body.model)
+        texts = token_texts(model(body.model))
         try:
             grpc_request = body.generate_request(request_id)
         except InvalidRequest as e:
@@ -242,10 +252,10 @@ def create_app(servicer: GenerationServicer, serving: Callable[[], bool], token:
         generation = await _Generation.open(servicer, grpc_request, field_names)
         head = dict(id=request_id, created=int(time.time()), model=body.model)
         if body.stream:
-            return StreamingResponse(_stream(events(generation, head, body)),
+            return StreamingResponse(_stream(events(generation, head, body, texts)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         chunks = [c async for c in generation]
-        return Response(_whole(body, head, chunks).model_dump_json(), media_type="application/json")
+        return Response(_whole(body, head, chunks, texts).model_dump_json(), media_type="application/json")
 
     app.include_router(v1)
     return app
@@ -255,13 +265,18 @@ def _token_ids(body, chunks: list[pb.GenerateResponse]) -> list[int] | None:
     return [t for c in chunks for t in c.token_ids] if body.return_token_ids else None
 
 
-def _whole(body, head: dict, chunks: list[pb.GenerateResponse]) -> oa.Completion | oa.ChatCompletion:
+def _whole(body, head: dict, chunks: list[pb.GenerateResponse],
+           texts: TokenTexts) -> oa.Completion | oa.ChatCompletion:
     text, last, ids = "".join(c.text for c in chunks), chunks[-1], _token_ids(body, chunks)
+    logprobs = [t for c in chunks for t in c.logprobs]
     if isinstance(body, oa.ChatCompletionRequest):
         choice = oa.ChatChoice(message=oa.AssistantMessage(content=text), token_ids=ids,
+                               logprobs=chat_logprobs(logprobs, texts) if body.returns_logprobs else None,
                                finish_reason=_finish_reason(last))
         return oa.ChatCompletion(**head, choices=[choice], usage=_usage(last))
-    choice = oa.CompletionChoice(text=text, token_ids=ids, finish_reason=_finish_reason(last))
+    choice = oa.CompletionChoice(text=text, token_ids=ids,
+                                 logprobs=completion_logprobs(logprobs, texts) if body.returns_logprobs else None,
+                                 finish_reason=_finish_reason(last))
     return oa.Completion(**head, choices=[choice], usage=_usage(last))
 
 
@@ -274,19 +289,25 @@ async def _stream(events: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
     yield _sse("[DONE]")
 
 
-async def _completion_events(generation: _Generation, head: dict, body: oa.CompletionRequest):
+async def _completion_events(generation: _Generation, head: dict, body: oa.CompletionRequest, texts: TokenTexts):
+    offset = 0  # where this chunk's first token starts in the whole text (text_offset)
     async for chunk in generation:
-        choice = oa.CompletionChoice(text=chunk.text, token_ids=_token_ids(body, [chunk]),
+        logprobs = None
+        if body.returns_logprobs:
+            logprobs = completion_logprobs(chunk.logprobs, texts, offset)
+            offset += sum(map(len, logprobs.tokens))
+        choice = oa.CompletionChoice(text=chunk.text, token_ids=_token_ids(body, [chunk]), logprobs=logprobs,
                                      finish_reason=_finish_reason(chunk))
         yield oa.Completion(**head, choices=[choice])
         if chunk.finish_reason and body.include_usage:
             yield oa.Completion(**head, choices=[], usage=_usage(chunk))
 
 
-async def _chat_events(generation: _Generation, head: dict, body: oa.ChatCompletionRequest):
+async def _chat_events(generation: _Generation, head: dict, body: oa.ChatCompletionRequest, texts: TokenTexts):
     role = "assistant"
     async for chunk in generation:
         choice = oa.ChatChunkChoice(delta=oa.Delta(role=role, content=chunk.text), token_ids=_token_ids(body, [chunk]),
+                                    logprobs=chat_logprobs(chunk.logprobs, texts) if body.returns_logprobs else None,
                                     finish_reason=_finish_reason(chunk))
         role = None
         yield oa.ChatCompletionChunk(**head, choices=[choice])

@@ -4,8 +4,12 @@ Requests are parsed strictly from JSON (a string where a number belongs is an er
 conversion); fields this server does not know are ignored, as OpenAI does. A request becomes the
 same `GenerateRequest` a gRPC client would send, so `validation.validate` checks it and the
 servicer runs it: one validator, one submission path, token-identical greedy output.
-Fields that ask for something specserve cannot give (n > 1, echo, log-probabilities) are
-refused with InvalidRequest naming the field rather than silently ignored.
+Fields that ask for something specserve cannot give (n > 1, echo) are refused with
+InvalidRequest naming the field rather than silently ignored.
+
+Log-probabilities (completions `logprobs: k`; chat `logprobs: true` with `top_logprobs: k`,
+0 <= k <= 20) are the target model's, of its raw logits (workers/engine/logprobs.py), in OpenAI's
+legacy and chat shapes (openai_logprobs.py builds them).
 
 Extensions beyond OpenAI: `top_k`, `ignore_eos`, `cache_salt`, `spec`, `return_token_ids` (as
 vLLM names it) in requests; `usage.spec` (the request's speculation counters) and, when asked
@@ -17,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from specserve.v1 import generation_pb2 as pb
+from specserve.workers.engine.logprobs import MAX_TOP_LOGPROBS
 
 from specserve.scheduler.server.validation import InvalidRequest
 
@@ -78,14 +83,19 @@ class _GenerationRequest(_Strict):
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(description="text or token ids (one prompt)")
     echo: bool | None = Field(None, description="not supported: must be false")
-    logprobs: int | None = Field(None, description="not supported: the engine does not return log-probabilities")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="log-probability of each new token and of this many likeliest ones")
+
+    @property
+    def returns_logprobs(self) -> bool:
+        return self.logprobs is not None
 
     def generate_request(self, request_id: str) -> pb.GenerateRequest:
         if self.echo:
             raise InvalidRequest("echo", "not supported")
-        if self.logprobs is not None:
-            raise InvalidRequest("logprobs", "not supported")
         request = self._generate_request(request_id, self.max_tokens)
+        if self.logprobs is not None:
+            request.logprobs = self.logprobs
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -128,19 +138,26 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(description="the conversation, rendered with the model's chat template")
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX,
                                               description="most new tokens (wins over max_tokens)")
-    logprobs: bool | None = Field(None, description="not supported: the engine does not return log-probabilities")
-    top_logprobs: int | None = Field(None, description="not supported")
+    logprobs: bool | None = Field(None, description="return the log-probability of each new token")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="with logprobs: also this many likeliest tokens' log-probabilities")
 
     @property
     def max_tokens_field(self) -> str:
         """The name under which the request gave its token limit."""
         return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
+    @property
+    def returns_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
     def generate_request(self, request_id: str) -> pb.GenerateRequest:
-        if self.logprobs or self.top_logprobs:
-            raise InvalidRequest("logprobs" if self.logprobs else "top_logprobs", "not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs", "needs logprobs: true")
         limit = self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
         request = self._generate_request(request_id, limit)
+        if self.logprobs:
+            request.logprobs = self.top_logprobs or 0
         messages = [pb.ChatMessage(role=m.role, content=m.text(i)) for i, m in enumerate(self.messages)]
         request.messages.CopyFrom(pb.ChatMessages(messages=messages))
         return request
@@ -173,11 +190,34 @@ class Usage(BaseModel):
 TokenIds = Field(None, exclude_if=lambda ids: ids is None)  # extension: only with return_token_ids
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per new token in each list."""
+
+    tokens: list[str]  # each token's text (decoded alone)
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]  # the k likeliest tokens and the emitted one: text -> log-probability
+    text_offset: list[int]  # where each token starts in the choice's text (the lengths of the tokens before it)
+
+
+class TopLogprob(BaseModel):
+    token: str  # the token's text (decoded alone)
+    logprob: float
+    bytes: list[int] | None  # the UTF-8 bytes of token
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the k likeliest tokens, likeliest first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None  # one per new token
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     token_ids: list[int] | None = TokenIds
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -201,7 +241,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     token_ids: list[int] | None = TokenIds
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -223,7 +263,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     token_ids: list[int] | None = TokenIds
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 

@@ -109,6 +109,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     @staticmethod
     def _response(item, spec_method: str) -> pb.GenerateResponse:
         response = pb.GenerateResponse(request_id=item.request_id, token_ids=item.new_token_ids, text=item.new_text)
+        for t in item.new_logprobs or ():
+            response.logprobs.add(token_id=t.token_id, logprob=t.logprob,
+                                  top=[pb.TopLogprob(token_id=a.token_id, logprob=a.logprob) for a in t.top])
         if item.finished:
             seq = item.seq
             response.finish_reason = FINISH_REASONS[item.finish_reason]

@@ -9,6 +9,7 @@ Sampling fields, edges included (what the engine gets):
 - top_p: in (0, 1] (NaN is INVALID_ARGUMENT); a tiny one keeps the single likeliest token.
 - top_k: 0 (unset) or any value >= the vocabulary size means no limit.
 - seed: any uint64.
+- logprobs: unset (none) or 0..MAX_TOP_LOGPROBS (20) alternatives per emitted token.
 The engine itself stays safe past these rules (workers/engine/sampler.py): any finite temperature
 > 0 gives a distribution, and a request whose logits are not finite fails alone.
 """
@@ -18,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from specserve.v1 import generation_pb2 as pb
+from specserve.workers.engine.logprobs import MAX_TOP_LOGPROBS
 from specserve.workers.engine.sequence import SamplingParams
 
 from specserve.scheduler.prompts import Prompt, PromptError
@@ -90,6 +92,8 @@ def validate(request: pb.GenerateRequest, model: ServedModel) -> ValidRequest:
     for i, s in enumerate(request.stop):
         if not s:
             raise InvalidRequest(f"stop[{i}]", "must not be empty")
+    if request.HasField("logprobs") and request.logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidRequest("logprobs", f"at most {MAX_TOP_LOGPROBS}, got {request.logprobs}")
     spec_method, max_draft = _spec(request.spec, model)
     for field in ("request_id", "cache_salt"):
         if len(getattr(request, field)) > MAX_ID_CHARS:
@@ -98,6 +102,7 @@ def validate(request: pb.GenerateRequest, model: ServedModel) -> ValidRequest:
         max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=request.top_k,
         seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
         ignore_eos=request.ignore_eos, max_draft_tokens=max_draft,
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
     )
     return ValidRequest(request.request_id or f"req-{uuid.uuid4().hex}", prompt_ids, params, spec_method,
                         request.cache_salt)

@@ -224,7 +224,8 @@ def error_of(call) -> tuple[int, dict]:
     ({"prompt": ["w3", "w4"]}, "prompt"),
     ({"stop": ["ok", ""]}, "stop[1]"),
     ({"seed": -1}, "seed"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
     ({"echo": True}, "echo"),
     ({"stream": "yes"}, "stream"),
     ({"extra_body": {"spec": {"method": "magic"}}}, "spec.method"),
@@ -243,8 +244,9 @@ def test_bad_completion_fields_are_400_naming_the_field(client, kwargs, field):
     ({"messages": [{"content": "w3"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": 1}, "logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
 ])
 def test_bad_chat_fields_are_400_naming_the_field(client, kwargs, field):
     status, error = error_of(lambda: client.chat.completions.create(**{"model": "tiny", "messages": CHAT, **kwargs}))

@@ -7,6 +7,7 @@ travel inside PrefixKV (contiguous CPU tensors in the Ray object store).
 
 from dataclasses import dataclass, field
 
+from specserve.workers.engine.logprobs import TokenLogprobs
 from specserve.workers.engine.sequence import FinishReason, SamplingParams, SpecCounters
 from specserve.workers.spec.draft_tree import DraftTree
 
@@ -38,6 +39,7 @@ class StreamChunk:
     invalid: bool = False  # with error: the request itself was bad (never retry it)
     cached_tokens: int = 0
     spec: SpecCounters = SpecCounters()
+    new_logprobs: list[TokenLogprobs] | None = None  # [n] one per new token if params.logprobs is set
 
     @property
     def final(self) -> bool:

@@ -137,4 +137,4 @@ def _chunk(request_id: str, item: RequestOutput | Exception) -> StreamChunk:
         return StreamChunk(request_id, [], "", error=str(item), invalid=isinstance(item, ValueError))
     seq = item.seq
     return StreamChunk(request_id, list(item.new_token_ids), item.new_text, item.finished, item.finish_reason,
-                       cached_tokens=seq.cached_tokens, spec=seq.spec)
+                       new_logprobs=item.new_logprobs, cached_tokens=seq.cached_tokens, spec=seq.spec)

@@ -20,6 +20,7 @@ from specserve.workers.engine.detokenizer import IncrementalDetokenizer
 from specserve.workers.engine.forward_batch import SequenceSlots, build_forward_batch
 from specserve.workers.engine.kv_cache import KVCacheConfig, PagedKVCache
 from specserve.workers.engine.kv_prefix import PrefixKV
+from specserve.workers.engine.logprobs import TokenLogprobs, token_logprobs
 from specserve.workers.model.llama import LlamaModel
 from specserve.workers.engine.sampler import sample_tokens, usable_rows
 from specserve.workers.engine.sequence import (FinishReason, SamplingParams, Sequence, SequenceStatus,
@@ -66,6 +67,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     seq: SequenceView  # the engine's Sequence here; a Ray request's summary in the scheduler
     error: str | None = None  # set when the engine failed this request alone (finish_reason ABORT): why
+    new_logprobs: list[TokenLogprobs] | None = None  # [n] one per new token if params.logprobs is set
 
 
 class LLMEngine:
@@ -311,10 +313,12 @@ class LLMEngine:
         its draft tree verified (n = tree.size). An error here fails seq only."""
         try:
             if tree is None:
-                new = sample_tokens(logits, [seq.params], [seq.generator])
+                new, rows = sample_tokens(logits, [seq.params], [seq.generator]), [0]
             else:
-                new = self.speculator.verify_and_commit(seq, tree, logits).tokens
-            return self._append(seq, new)
+                acceptance = self.speculator.verify_and_commit(seq, tree, logits)
+                new, rows = acceptance.tokens, acceptance.path  # the logits rows that chose them (logprobs.py)
+            k = seq.params.logprobs
+            return self._append(seq, new, None if k is None else token_logprobs(logits[rows], new, k))
         except Exception as e:  # noqa: BLE001 - one request's failure must not fail the others in the step
             log.exception("request %s failed in a step", seq.request_id)
             return self._fail(seq, f"internal error: {type(e).__name__}: {e}")
@@ -357,8 +361,8 @@ class LLMEngine:
                 if out.seq is seq:
                     yield out
 
-    def _append(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
-        """Appends tokens one by one until one of them finishes the sequence."""
+    def _append(self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprobs] | None) -> RequestOutput:
+        """Appends tokens one by one until one of them finishes the sequence (logprobs: one per token)."""
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         seq.spec += SpecCounters(decode_steps=1)
@@ -376,7 +380,8 @@ class LLMEngine:
                 text += detok.flush()
                 self._finish(seq, reason)
                 break
-        return RequestOutput(seq.request_id, taken, text, reason is not None, reason, seq)
+        logprobs = None if logprobs is None else logprobs[: len(taken)]
+        return RequestOutput(seq.request_id, taken, text, reason is not None, reason, seq, new_logprobs=logprobs)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, reason, time.perf_counter()

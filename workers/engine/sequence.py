@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from specserve.workers.engine.kv_cache import BlockTable
+from specserve.workers.engine.logprobs import MAX_TOP_LOGPROBS
 
 
 class SequenceStatus(enum.Enum):
@@ -34,6 +35,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
     ignore_eos: bool = False
     max_draft_tokens: int | None = None  # this request's cap on draft tokens per step; None = the engine's, 0 = off
+    # Log-probabilities of every emitted token (RequestOutput.new_logprobs, see logprobs.py for the
+    # distribution): None = none; k = the token's own and its position's k likeliest, 0..MAX_TOP_LOGPROBS.
+    logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -48,6 +52,8 @@ class SamplingParams:
             raise ValueError("stop strings must not be empty")
         if self.max_draft_tokens is not None and self.max_draft_tokens < 0:
             raise ValueError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be None or in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

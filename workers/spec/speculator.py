@@ -65,7 +65,9 @@ class Speculator:
 
     def verify_and_commit(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor) -> Acceptance:
         """Verifies the tree with the target's logits at its nodes [tree.size, V], keeps the
-        accepted path's KV (root included) and frees the rest; returns the new tokens."""
+        accepted path's KV (root included) and frees the rest; returns the new tokens.
+        logits[acceptance.path] are the rows that chose acceptance.tokens, one each (the bonus
+        token's last): a request's log-probabilities are read from them (engine/logprobs.py)."""
         prefix = seq.num_computed - tree.size
         if seq.params.greedy:
             acceptance = verify_greedy(tree, logits.argmax(dim=-1).tolist())

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecserve/v1/generation.proto\x12\x0cspecserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"7\n\x0bSpecOptions\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x18\n\x10max_draft_tokens\x18\x02 \x01(\r\"\x9e\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.specserve.v1.ChatMessagesH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.specserve.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\'\n\x04spec\x18\n \x01(\x0b\x32\x19.specserve.v1.SpecOptions\x12\x12\n\ncache_salt\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x12\n\nignore_eos\x18\r \x01(\x08\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"[\n\tSpecStats\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\r\"\xc5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.specserve.v1.Usage\x12%\n\x04spec\x18\x06 \x01(\x0b\x32\x17.specserve.v1.SpecStats\"\x15\n\x13GetModelInfoRequest\"\xc3\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x14\n\x0cspec_methods\x18\x05 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_spec_method\x18\x06 \x01(\t\x12\x18\n\x10max_draft_tokens\x18\x07 \x01(\r\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xf8\x02\n\x05Stats\x12\x17\n\x0fqueued_requests\x18\x01 \x01(\r\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x03 \x01(\r\x12\x19\n\x11\x66inished_requests\x18\x04 \x01(\x04\x12\x19\n\x11rejected_requests\x18\x05 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x04\x12\x19\n\x11generation_tokens\x18\x07 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x04\x12\x12\n\nspec_steps\x18\n \x01(\x04\x12\x1b\n\x13spec_drafted_tokens\x18\x0b \x01(\x04\x12\x1c\n\x14spec_accepted_tokens\x18\x0c \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x0e \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe5\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse0\x01\x12J\n\x0cGetModelInfo\x12!.specserve.v1.GetModelInfoRequest\x1a\x17.specserve.v1.ModelInfo\x12>\n\x08GetStats\x12\x1d.specserve.v1.GetStatsRequest\x1a\x13.specserve.v1.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecserve/v1/generation.proto\x12\x0cspecserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"7\n\x0bSpecOptions\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x18\n\x10max_draft_tokens\x18\x02 \x01(\r\"\xc2\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.specserve.v1.ChatMessagesH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.specserve.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\'\n\x04spec\x18\n \x01(\x0b\x32\x19.specserve.v1.SpecOptions\x12\x12\n\ncache_salt\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x05\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"[\n\tSpecStats\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.specserve.v1.TopLogprob\"\xf4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.specserve.v1.Usage\x12%\n\x04spec\x18\x06 \x01(\x0b\x32\x17.specserve.v1.SpecStats\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.specserve.v1.TokenLogprobs\"\x15\n\x13GetModelInfoRequest\"\xc3\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x14\n\x0cspec_methods\x18\x05 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_spec_method\x18\x06 \x01(\t\x12\x18\n\x10max_draft_tokens\x18\x07 \x01(\r\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xf8\x02\n\x05Stats\x12\x17\n\x0fqueued_requests\x18\x01 \x01(\r\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x03 \x01(\r\x12\x19\n\x11\x66inished_requests\x18\x04 \x01(\x04\x12\x19\n\x11rejected_requests\x18\x05 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x04\x12\x19\n\x11generation_tokens\x18\x07 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x04\x12\x12\n\nspec_steps\x18\n \x01(\x04\x12\x1b\n\x13spec_drafted_tokens\x18\x0b \x01(\x04\x12\x1c\n\x14spec_accepted_tokens\x18\x0c \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x0e \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe5\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse0\x01\x12J\n\x0cGetModelInfo\x12!.specserve.v1.GetModelInfoRequest\x1a\x17.specserve.v1.ModelInfo\x12>\n\x08GetStats\x12\x1d.specserve.v1.GetStatsRequest\x1a\x13.specserve.v1.Statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1647
-  _globals['_FINISHREASON']._serialized_end=1767
+  _globals['_FINISHREASON']._serialized_start=1870
+  _globals['_FINISHREASON']._serialized_end=1990
   _globals['_CHATMESSAGE']._serialized_start=47
   _globals['_CHATMESSAGE']._serialized_end=91
   _globals['_CHATMESSAGES']._serialized_start=93
@@ -42,21 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPECOPTIONS']._serialized_start=179
   _globals['_SPECOPTIONS']._serialized_end=234
   _globals['_GENERATEREQUEST']._serialized_start=237
-  _globals['_GENERATEREQUEST']._serialized_end=651
-  _globals['_USAGE']._serialized_start=653
-  _globals['_USAGE']._serialized_end=733
-  _globals['_SPECSTATS']._serialized_start=735
-  _globals['_SPECSTATS']._serialized_end=826
-  _globals['_GENERATERESPONSE']._serialized_start=829
-  _globals['_GENERATERESPONSE']._serialized_end=1026
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1028
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1049
-  _globals['_MODELINFO']._serialized_start=1052
-  _globals['_MODELINFO']._serialized_end=1247
-  _globals['_GETSTATSREQUEST']._serialized_start=1249
-  _globals['_GETSTATSREQUEST']._serialized_end=1266
-  _globals['_STATS']._serialized_start=1269
-  _globals['_STATS']._serialized_end=1645
-  _globals['_GENERATION']._serialized_start=1770
-  _globals['_GENERATION']._serialized_end=1999
+  _globals['_GENERATEREQUEST']._serialized_end=687
+  _globals['_USAGE']._serialized_start=689
+  _globals['_USAGE']._serialized_end=769
+  _globals['_SPECSTATS']._serialized_start=771
+  _globals['_SPECSTATS']._serialized_end=862
+  _globals['_TOPLOGPROB']._serialized_start=864
+  _globals['_TOPLOGPROB']._serialized_end=911
+  _globals['_TOKENLOGPROBS']._serialized_start=913
+  _globals['_TOKENLOGPROBS']._serialized_end=1002
+  _globals['_GENERATERESPONSE']._serialized_start=1005
+  _globals['_GENERATERESPONSE']._serialized_end=1249
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1251
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1272
+  _globals['_MODELINFO']._serialized_start=1275
+  _globals['_MODELINFO']._serialized_end=1470
+  _globals['_GETSTATSREQUEST']._serialized_start=1472
+  _globals['_GETSTATSREQUEST']._serialized_end=1489
+  _globals['_STATS']._serialized_start=1492
+  _globals['_STATS']._serialized_end=1868
+  _globals['_GENERATION']._serialized_start=1993
+  _globals['_GENERATION']._serialized_end=2222
 # @@protoc_insertion_point(module_scope)
