@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start (or stop, or probe) one specserve node: Ray with this node's role resources and, on the
-# head, the gRPC scheduler (`specserve serve --address auto`). One script for every way of
-# deploying, so they all run the same commands:
+# head, the scheduler (`specserve serve --address auto`: gRPC and the OpenAI HTTP API). One
+# script for every way of deploying, so they all run the same commands:
 #   ray up deploy/cluster.yaml / deploy/cluster-aws.yaml   (head_/worker_start_ray_commands)
 #   KubeRay deploy/kuberay/raycluster.yaml                  (container command, foreground)
 #   tests/integration/test_deploy_start.py                  (head + one node per role on one machine)
@@ -26,9 +26,11 @@
 #   SPECSERVE_HEAD_ADDRESS   worker: the head's GCS HOST:PORT (default $RAY_HEAD_IP:$SPECSERVE_RAY_PORT)
 #   SPECSERVE_RAY_PORT       head GCS port (default 6379)
 #   SPECSERVE_RAY_ARGS       extra `ray start` arguments (word-split; no quoting)
-#   SPECSERVE_HOST / SPECSERVE_PORT / SPECSERVE_METRICS_PORT   serve listen address (0.0.0.0 / 50051 / 9464)
-#   SPECSERVE_TOKEN          bearer token (read by `specserve serve` itself); required beyond loopback
-#   SPECSERVE_TLS_CERT / SPECSERVE_TLS_KEY                     PEM files for TLS
+#   SPECSERVE_HOST / SPECSERVE_PORT / SPECSERVE_HTTP_PORT / SPECSERVE_METRICS_PORT
+#                            serve listen address and ports: gRPC, OpenAI HTTP API, Prometheus
+#                            (0.0.0.0 / 50051 / 8000 / 9464; `--no-http` in SPECSERVE_SERVE_ARGS: no HTTP)
+#   SPECSERVE_TOKEN          bearer token of gRPC and HTTP (read by `specserve serve`); required beyond loopback
+#   SPECSERVE_TLS_CERT / SPECSERVE_TLS_KEY                     PEM files for TLS (gRPC and HTTP)
 #   SPECSERVE_MODEL          model name or path on every node (default: the embedded smollm2-135m)
 #   SPECSERVE_DEVICE         --device of the engines (cpu, cuda, cuda:N; default cpu)
 #   SPECSERVE_ACTOR_GPUS     GPUs each prefill/draft/verify actor takes (--<role>-gpus; default 0)
@@ -182,7 +184,7 @@ serve_command() {
     local extra=(${SPECSERVE_SERVE_ARGS:-})
     SERVE_CMD=(specserve serve --address auto
         --host "${SPECSERVE_HOST:-0.0.0.0}" --port "${SPECSERVE_PORT:-50051}"
-        --metrics-port "${SPECSERVE_METRICS_PORT:-9464}")
+        --http-port "${SPECSERVE_HTTP_PORT:-8000}" --metrics-port "${SPECSERVE_METRICS_PORT:-9464}")
     [[ -n ${SPECSERVE_MODEL:-} ]] && SERVE_CMD+=(--model "$SPECSERVE_MODEL")
     [[ -n ${SPECSERVE_DEVICE:-} ]] && SERVE_CMD+=(--device "$SPECSERVE_DEVICE")
     if [[ -n ${SPECSERVE_ACTOR_GPUS:-} ]]; then

