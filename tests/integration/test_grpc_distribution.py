@@ -11,6 +11,8 @@ computed from the target's logits (transformers, not our engine) by a chi-square
     so a given run always gives the same answer)
 
 N is 600 per method in CI; SPECSERVE_GRPC_DIST_SAMPLES raises it (1500 for the issue's bench size).
+A verifier that accepts every first draft (tests/helpers/sampling_distribution.py), patched into
+the server's speculator, must fail the same test by far (p < 1e-9, not a one-in-1000 miss).
 """
 
 import os
@@ -18,52 +20,38 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from specserve.scheduler.client import Client
 from specserve.scheduler.server.grpc_server import ServerConfig, ServerThread
 from specserve.workers.engine.llm_engine import EngineConfig
-from specserve.workers.engine.sampler import target_probs
 from specserve.workers.engine.sequence import SamplingParams
 from specserve.workers.model.loader import LoadOptions, load_engine
+from specserve.workers.spec import speculator as speculator_module
 from specserve.workers.spec.methods import SpecConfig
 
 from tests.helpers.chi_square import chi_square_p_value
-from tests.helpers.tiny_models import tiny_hf, tiny_tokenizer
+from tests.helpers.sampling_distribution import (PROMPT, SHAPE, TARGET_SEED, accept_first_drafts,
+                                                 exact_first_tokens, save_target_and_draft)
+from tests.helpers.tiny_models import tiny_hf
 
-V = 12
-PROMPT = [3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3]  # every token recurs
 TEMPERATURE = 1.3
 SAMPLES = int(os.environ.get("SPECSERVE_GRPC_DIST_SAMPLES", "600"))
 STREAMS = 16
-SHAPE = dict(vocab_size=V, initializer_range=0.2, max_position_embeddings=256)
+ALPHA = 1e-3
+BROKEN_P = 1e-9  # a broken verifier must be this far below ALPHA: detected, not a one-in-1000 miss
 METHODS = ["none", "ngram", "recycling", "suffix", "auto", "model", "model+ngram", "ngram+recycling"]
-
-
-def save(folder, seed: int, **overrides) -> str:
-    model = tiny_hf("llama", seed=seed, **SHAPE, **overrides)
-    model.save_pretrained(folder)
-    tiny_tokenizer(V).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    target = save(tmp_path_factory.mktemp("dist-target"), seed=0)
-    draft = save(tmp_path_factory.mktemp("dist-draft"), seed=1, num_hidden_layers=1)  # a genuinely other model
-    return target, draft
+    return save_target_and_draft(tmp_path_factory)  # the draft: a genuinely other model
 
 
 @pytest.fixture(scope="module")
 def expected(folders) -> dict[tuple[int, int], float]:
     """Exact probability of every first two tokens, from the target's logits."""
-    hf = tiny_hf("llama", seed=0, **SHAPE)
-    params = SamplingParams(temperature=TEMPERATURE)
-    with torch.no_grad():
-        first = target_probs(hf(torch.tensor([PROMPT])).logits[:, -1], params).double()[0]
-        second = target_probs(hf(torch.tensor([PROMPT + [a] for a in range(V)])).logits[:, -1], params).double()
-    joint = first[:, None] * second  # [V, V]
-    return {(a, b): float(joint[a, b]) for a in range(V) for b in range(V)}
+    return exact_first_tokens(tiny_hf("llama", seed=TARGET_SEED, **SHAPE), PROMPT,
+                              SamplingParams(temperature=TEMPERATURE), 2)
 
 
 def serve(target: str, draft: str, method: str) -> ServerThread:
@@ -74,8 +62,9 @@ def serve(target: str, draft: str, method: str) -> ServerThread:
     return server
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_first_tokens_over_grpc_follow_the_target(folders, expected, method):
+def sample_over_grpc(folders, method: str) -> tuple[Counter, int, int]:
+    """First two tokens of SAMPLES seeded requests from a fresh server, and the summed
+    drafted and accepted counters."""
     server = serve(*folders, method)
     try:
         with Client(f"127.0.0.1:{server.port}") as client:
@@ -89,9 +78,22 @@ def test_first_tokens_over_grpc_follow_the_target(folders, expected, method):
                 results = list(pool.map(first_two, range(SAMPLES)))
     finally:
         server.stop()
-    counts = Counter(r[0] for r in results)
-    drafted, accepted = sum(r[1] for r in results), sum(r[2] for r in results)
+    return Counter(r[0] for r in results), sum(r[1] for r in results), sum(r[2] for r in results)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_first_tokens_over_grpc_follow_the_target(folders, expected, method):
+    counts, drafted, accepted = sample_over_grpc(folders, method)
     if method != "none":
         assert drafted > SAMPLES // 2 and accepted > 0, (drafted, accepted)  # the drafter really ran
     p_value = chi_square_p_value(counts, expected, SAMPLES)
-    assert p_value >= 1e-3, f"{method}: p = {p_value:.2e}, drafted {drafted}, accepted {accepted}"
+    assert p_value >= ALPHA, f"{method}: p = {p_value:.2e}, drafted {drafted}, accepted {accepted}"
+
+
+@pytest.mark.parametrize("method", ["ngram", "model"])
+def test_a_broken_verifier_fails_over_grpc(folders, expected, method, monkeypatch):
+    monkeypatch.setattr(speculator_module, "verify_sampling", accept_first_drafts)  # the in-process server's
+    counts, drafted, accepted = sample_over_grpc(folders, method)
+    assert accepted > SAMPLES // 2, (drafted, accepted)  # the broken verifier was used
+    p_value = chi_square_p_value(counts, expected, SAMPLES)
+    assert p_value < BROKEN_P, f"{method}: p = {p_value:.2e} with a broken verifier"

@@ -29,23 +29,21 @@ import pytest
 import torch
 
 from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
-from specserve.workers.engine.sampler import target_probs
 from specserve.workers.engine.sequence import SamplingParams
 from specserve.workers.engine.step_planner import PlannerConfig
 from specserve.workers.spec import speculator as speculator_module
 from specserve.workers.spec.methods import SpecConfig
-from specserve.workers.spec.verify import Acceptance
 
 from tests.helpers.chi_square import chi_square_p_value
+from tests.helpers.sampling_distribution import (DRAFT_SEED, DRAFT_SHAPE, PROMPT, SHAPE, TARGET_SEED, V,
+                                                 accept_first_drafts, exact_first_tokens)
 from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 
-V = 12
-PROMPT = [3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3]  # every token recurs
 PARAMS = dict(temperature=1.3, max_new_tokens=4)  # 4: the first tree may be 2 deep; 3 tokens compared
 SAMPLES = int(os.environ.get("SPECSERVE_DIST_SAMPLES", "2000"))
 CHUNK = 250  # requests per batch; later batches find the drafters warm (recycling's matrix, suffix trees)
 ALPHA = 1e-3
-MODEL_SHAPE = dict(vocab_size=V, initializer_range=0.2, max_position_embeddings=64)
+MODEL_SHAPE = dict(**SHAPE, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,7 +56,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def hf_target():
-    return tiny_hf("llama", seed=0, **MODEL_SHAPE)
+    return tiny_hf("llama", seed=TARGET_SEED, **MODEL_SHAPE)
 
 
 @pytest.fixture(scope="module")
@@ -68,25 +66,14 @@ def target(hf_target):
 
 @pytest.fixture(scope="module")
 def draft():
-    """Another model with the same vocabulary: other weights (seed 1), one layer."""
-    return ours_from_hf(tiny_hf("llama", seed=1, num_hidden_layers=1, **MODEL_SHAPE))
+    """Another model with the same vocabulary: other weights, one layer."""
+    return ours_from_hf(tiny_hf("llama", seed=DRAFT_SEED, **DRAFT_SHAPE, **MODEL_SHAPE))
 
 
 @pytest.fixture(scope="module")
 def expected(hf_target) -> dict[tuple[int, int, int], float]:
     """Exact probability of every first three tokens, from the target's logits."""
-    params = SamplingParams(**PARAMS)
-
-    def next_probs(prefixes: list[list[int]]) -> torch.Tensor:  # [n, V]
-        with torch.no_grad():
-            logits = hf_target(torch.tensor([PROMPT + p for p in prefixes])).logits[:, -1]
-        return target_probs(logits, params).double()
-
-    first = next_probs([[]])[0]
-    second = next_probs([[a] for a in range(V)])  # [V, V]
-    third = next_probs([[a, b] for a in range(V) for b in range(V)]).view(V, V, V)
-    joint = first[:, None, None] * second[:, :, None] * third  # [V, V, V]
-    return {(a, b, c): float(joint[a, b, c]) for a in range(V) for b in range(V) for c in range(V)}
+    return exact_first_tokens(hf_target, PROMPT, SamplingParams(**PARAMS), 3)
 
 
 def sample(target, draft, spec: SpecConfig):
@@ -117,15 +104,6 @@ def test_first_tokens_follow_the_target(method, target, draft, expected):
     if method != "none":
         assert drafted > SAMPLES and accepted > SAMPLES // 10, (drafted, accepted)
     assert chi_square_p_value(counts, expected, SAMPLES) >= ALPHA
-
-
-def accept_first_drafts(tree, target_p, generator) -> Acceptance:
-    """Broken on purpose: takes every first child down the tree, then samples the bonus from p."""
-    children, path = tree.children(), [0]
-    while children[path[-1]]:
-        path.append(children[path[-1]][0])
-    bonus = int(torch.multinomial(target_p(path[-1]), 1, generator=generator))
-    return Acceptance(path, [tree.tokens[n] for n in path[1:]] + [bonus])
 
 
 @pytest.mark.parametrize("method", ["ngram", "model"])
