@@ -1,4 +1,5 @@
-"""Real prompts for benchmarks (see BENCH.md): HumanEval code prompts and ShareGPT first turns.
+"""Real prompts for benchmarks (see BENCH.md): HumanEval code prompts, ShareGPT first turns, and
+the human turns of multi-turn ShareGPT conversations.
 
 Both sets come from PyPI packages whose data files are found with importlib without importing
 the packages. Selection is `random.Random(seed).sample`, so one seed gives the same prompts on
@@ -107,20 +108,36 @@ def iter_json_list(path: Path, read_chars: int = READ_CHARS) -> Iterator[object]
             yield item
 
 
+def sharegpt_conversations(turns: int, path: Path | None = None, min_chars: int = 32,
+                           max_chars: int = 2000) -> list[tuple[str, tuple[str, ...]]]:
+    """(conversation id, its first `turns` human turns) of every complete ShareGPT conversation
+    that alternates human and gpt from its start for that many human turns, each min_chars..max_chars
+    characters long, in file order. The gpt turns are not returned: a multi-turn benchmark puts
+    the model's own replies in their place."""
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    if not 0 <= min_chars <= max_chars:
+        raise ValueError(f"need 0 <= min_chars <= max_chars, got {min_chars}, {max_chars}")
+    found = []
+    for i, conv in enumerate(iter_json_list(path or package_file(*SHAREGPT_FILE))):
+        entries = conv.get("conversations") if isinstance(conv, dict) else None
+        if not isinstance(entries, list) or len(entries) < 2 * turns - 1:
+            continue
+        # [human, gpt, human, ...]: entry 2k is the k-th human turn, entry 2k+1 its reply
+        lead = entries[: 2 * turns - 1]
+        senders = [e.get("from") if isinstance(e, dict) else None for e in lead]
+        if senders != ["human" if j % 2 == 0 else "gpt" for j in range(len(lead))]:
+            continue
+        humans = tuple(e.get("value") for e in lead[::2])
+        if all(isinstance(t, str) and min_chars <= len(t) <= max_chars for t in humans):
+            found.append((str(conv.get("id", f"item-{i}")), humans))
+    return found
+
+
 def sharegpt_first_turns(path: Path | None = None, min_chars: int = 32, max_chars: int = 2000) -> list[tuple[str, str]]:
     """(conversation id, first human turn) of every complete ShareGPT conversation whose first
     turn is min_chars..max_chars characters long, in file order."""
-    if not 0 <= min_chars <= max_chars:
-        raise ValueError(f"need 0 <= min_chars <= max_chars, got {min_chars}, {max_chars}")
-    firsts = []
-    for i, conv in enumerate(iter_json_list(path or package_file(*SHAREGPT_FILE))):
-        turns = conv.get("conversations") if isinstance(conv, dict) else None
-        if not turns or not isinstance(turns[0], dict) or turns[0].get("from") != "human":
-            continue
-        text = turns[0].get("value")
-        if isinstance(text, str) and min_chars <= len(text) <= max_chars:
-            firsts.append((str(conv.get("id", f"item-{i}")), text))
-    return firsts
+    return [(cid, humans[0]) for cid, humans in sharegpt_conversations(1, path, min_chars, max_chars)]
 
 
 def sharegpt_prompts(n: int, seed: int, min_chars: int = 32, max_chars: int = 2000,
@@ -128,3 +145,9 @@ def sharegpt_prompts(n: int, seed: int, min_chars: int = 32, max_chars: int = 20
     """n first human turns of ShareGPT V3 conversations, each sent as one user message."""
     chosen = _sample(sharegpt_first_turns(path, min_chars, max_chars), n, seed, "ShareGPT")
     return [BenchPrompt("chat", cid, messages=({"role": "user", "content": text},)) for cid, text in chosen]
+
+
+def sharegpt_multi_turn(n: int, turns: int, seed: int, min_chars: int = 32, max_chars: int = 1000,
+                        path: Path | None = None) -> list[tuple[str, tuple[str, ...]]]:
+    """n ShareGPT conversations of at least `turns` human turns (id, their first `turns` human turns)."""
+    return _sample(sharegpt_conversations(turns, path, min_chars, max_chars), n, seed, f"{turns}-turn ShareGPT")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from specserve.scheduler.cli import flags
 
-SUITES = ("engine", "spec", "serve", "prefix", "longctx", "ray", "fuzz", "kernels")
+SUITES = ("engine", "spec", "multiturn", "serve", "prefix", "longctx", "ray", "fuzz", "kernels")
 DEFAULT_BENCH_THREADS = 2  # the machines here have 2 cores
 
 
@@ -15,6 +15,8 @@ def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side, see BENCH.md)")
     bench.add_argument("suite", choices=SUITES,
                        help="engine: our engine vs transformers generate(); spec: every drafter vs transformers; "
+                            "multiturn: the same on traces of requests that carry the earlier ones (a conversation "
+                            "continued, a code file edited repeatedly), our prefix cache on within a trace; "
                             "serve: server throughput and latency at rising concurrency (gRPC or OpenAI HTTP); "
                             "prefix: TTFT of 2K/4K-token prompts cold vs prefix cache hits (L1, Redis L2); "
                             "longctx: sequence-parallel prefill vs workers, verify latency vs context; "
@@ -22,9 +24,12 @@ def add_bench_parser(sub) -> None:
                             "fuzz: hostile and ordinary requests against a running server (--server), then "
                             "checks that it still serves with nothing left running; "
                             "kernels: decode and verify step time of every matmul/attention path vs the bandwidth floor")
-    bench.add_argument("--num-prompts", type=int, default=8, help="prompts per category (HumanEval, ShareGPT)")
-    bench.add_argument("--methods", default="ngram,recycling,ngram+recycling",
-                       help="spec and ray suites: comma-separated spec methods to run beside speculation off")
+    bench.add_argument("--num-prompts", type=int, default=8,
+                       help="prompts per category (HumanEval, ShareGPT); multiturn suite: traces of each kind")
+    bench.add_argument("--methods", default=None,
+                       help="spec, multiturn and ray suites: comma-separated spec methods to run beside speculation "
+                            "off (default: spec and ray ngram,recycling,ngram+recycling; multiturn ngram,suffix,auto)")
+    bench.add_argument("--turns", type=int, default=3, help="multiturn suite: requests per trace")
     flags.add_spec_tokens(bench)
     flags.add_draft_model(bench)
     bench.add_argument("--server", metavar="HOST:PORT", default=None,
@@ -67,8 +72,9 @@ def _apis(text: str):
     return tuple(Api(a) for a in names)
 
 
-def _methods(text: str) -> tuple[str, ...]:
-    return tuple(m for m in text.split(",") if m)
+def _methods(text: str | None) -> dict:
+    """The config keyword for --methods: nothing when the flag is not given (the suite's default)."""
+    return {} if text is None else {"methods": tuple(m for m in text.split(",") if m)}
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -108,14 +114,20 @@ def run_bench(args: argparse.Namespace) -> int:
     elif args.suite == "ray":
         from specserve.bench.ray_vs_inprocess import RayBenchConfig, run_ray_bench
 
-        run_ray_bench(RayBenchConfig(**common, methods=_methods(args.methods), spec_tokens=args.spec_tokens,
+        run_ray_bench(RayBenchConfig(**common, **_methods(args.methods), spec_tokens=args.spec_tokens,
                                      draft_model=args.draft_model, device=args.device, dtype=args.dtype,
                                      threads=threads))
     elif args.suite == "spec":
         from specserve.bench.spec_vs_hf import SpecBenchConfig, run_spec_bench
 
-        run_spec_bench(SpecBenchConfig(**common, methods=_methods(args.methods), spec_tokens=args.spec_tokens,
+        run_spec_bench(SpecBenchConfig(**common, **_methods(args.methods), spec_tokens=args.spec_tokens,
                                        device=args.device, dtype=args.dtype, threads=threads))
+    elif args.suite == "multiturn":
+        from specserve.bench.multi_turn import MultiTurnBenchConfig, run_multi_turn_bench
+
+        run_multi_turn_bench(MultiTurnBenchConfig(**common, **_methods(args.methods), turns=args.turns,
+                                                  spec_tokens=args.spec_tokens, device=args.device,
+                                                  dtype=args.dtype, threads=threads))
     else:
         from specserve.bench.engine_vs_hf import EngineBenchConfig, run_engine_bench
 

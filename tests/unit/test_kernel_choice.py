@@ -92,6 +92,7 @@ def test_choice_is_cached_and_measured_again_on_another_cpu(monkeypatch, tmp_pat
     config = ModelConfig.from_hf(tiny_hf("llama").config)
     measure = CountingMeasure()
     monkeypatch.setattr(kernel_choice, "measure_kernels", measure)
+    monkeypatch.setattr(kernel_choice, "busy_reason", lambda: None)  # a quiet machine, whatever runs beside the test
     monkeypatch.setattr(kernel_choice, "cpu_info", lambda: CpuInfo("AMD EPYC", ("avx2",)))
     first = choose_kernels(config, torch.float32, mode="auto", cache_dir=tmp_path, progress=False)
     assert choose_kernels(config, torch.float32, mode="auto", cache_dir=tmp_path, progress=False) == first
@@ -100,6 +101,26 @@ def test_choice_is_cached_and_measured_again_on_another_cpu(monkeypatch, tmp_pat
     choose_kernels(config, torch.float32, mode="auto", cache_dir=tmp_path, progress=False)
     assert measure.calls == 2
     assert len(list(tmp_path.glob("kernels-*.json"))) == 2
+
+
+def test_a_choice_measured_on_a_busy_machine_is_used_but_not_cached(monkeypatch, tmp_path):
+    config = ModelConfig.from_hf(tiny_hf("llama").config)
+    measure = CountingMeasure()
+    monkeypatch.setattr(kernel_choice, "measure_kernels", measure)
+    monkeypatch.setattr(kernel_choice, "busy_reason", lambda: "load average 9.0 on 2 cores (> 1.5 per core)")
+    for _ in range(2):
+        assert isinstance(choose_kernels(config, torch.float32, cache_dir=tmp_path, progress=False), KernelChoice)
+    assert measure.calls == 2 and not list(tmp_path.glob("kernels-*.json"))
+
+
+def test_busy_reason_compares_the_load_average_with_the_cores(monkeypatch):
+    from specserve.workers.model import cpu_info as cpu_info_module
+
+    monkeypatch.setattr(cpu_info_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu_info_module.os, "getloadavg", lambda: (9.0, 5.0, 3.0))
+    assert cpu_info_module.busy_reason() == "load average 9.0 on 2 cores (> 1.5 per core)"
+    monkeypatch.setattr(cpu_info_module.os, "getloadavg", lambda: (2.9, 5.0, 3.0))
+    assert cpu_info_module.busy_reason() is None
 
 
 def test_measurement_times_every_path_and_picks_the_lowest_weighted_total():

@@ -4,6 +4,7 @@ Kernel choices and latency profiles are cached per `CpuInfo.identity`, because t
 matmul path differs between CPUs (AMD EPYC AVX2 and Intel Xeon AVX-512/AMX both seen here).
 """
 
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,3 +53,21 @@ def cpu_info() -> CpuInfo:
         return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         return CpuInfo(platform.processor() or "unknown", ())
+
+
+# Runnable tasks per core (the 1-minute load average) above which this machine is too busy to
+# measure anything worth keeping: a kernel timing or verify latency curve measured while others
+# held the cores came out 10-15x too slow and, cached, switched speculation off for good.
+BUSY_LOAD_PER_CORE = 1.5
+
+
+def busy_reason() -> str | None:
+    """Why measurements taken now should not be cached (the machine is busy), or None."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return None
+    cores = os.cpu_count() or 1
+    if load > BUSY_LOAD_PER_CORE * cores:
+        return f"load average {load:.1f} on {cores} cores (> {BUSY_LOAD_PER_CORE} per core)"
+    return None

@@ -2,10 +2,11 @@
 
 Kinds: the few-row projections of every layer (q/k/v, o, gate/up, down), the LM head (the
 biggest matmul, vocab x hidden) and attention. `choose_kernels` with mode "auto" times every
-path of each kind on this machine (`kernel_timing.py`, about a second or two for SmolLM2) and
-keeps the fastest; the result is cached under `$SPECSERVE_CACHE/profiles/`, beside the verify
-latency curves, keyed by the CPU model and ISA flags, torch version and threads, device, dtype
-and the model's shapes (delete the file to measure again). A mode naming a matmul path
+path of each kind on this machine (`kernel_timing.py`, a few seconds for SmolLM2) and keeps
+the fastest; the result is cached under `$SPECSERVE_CACHE/profiles/`, beside the verify latency
+curves, keyed by the CPU model and ISA flags, torch version and threads, device, dtype and the
+model's shapes (delete the file to measure again) - unless the machine was busy while it was
+measured (`cpu_info.busy_reason`): then it is used by this process only. A mode naming a matmul path
 ("onednn", "mm", "mm_t", "linear") forces it for the projections and the LM head, with
 attention in its default path, and measures nothing.
 
@@ -15,6 +16,7 @@ takes far longer than the whole measurement (a few seconds), and its shapes chan
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,11 @@ import torch
 from specserve.kernels.attention import AttentionKernel
 from specserve.kernels.linear import MatmulKernel, available_kernels, default_kernel
 
-from specserve.workers.model.cpu_info import CpuInfo, cpu_info
+from specserve.workers.model.cpu_info import CpuInfo, busy_reason, cpu_info
 from specserve.workers.model.kernel_timing import Kind, KernelTimes, measure_kernels
 from specserve.workers.model.model_config import ModelConfig
+
+log = logging.getLogger("specserve.kernels")
 
 AUTO = "auto"
 # Part of the cache key: bumped when the measurement changes, so choices made the old way are
@@ -121,9 +125,14 @@ def choose_kernels(
     cached = None if path is None else load_choice(path)
     if cached is not None:
         return cached
+    busy = busy_reason()
     times = measure_kernels(config, dtype, progress=progress)
     choice = KernelChoice.fastest(times)
-    if path is not None:
+    busy = busy or busy_reason()
+    if busy and path is not None:
+        log.warning("kernel choice %s measured while the machine is busy (%s): used now, not cached",
+                    choice.tag, busy)
+    elif path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"choice": choice.to_json(), "cpu": cpu_info().describe(), **times.to_json()}, indent=1))

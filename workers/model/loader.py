@@ -5,6 +5,7 @@ frozen value travels to Ray worker actors inside a WorkerModel. `load_weights` i
 to read a model's weights (the engine's target and draft, prefill and draft workers).
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +14,7 @@ from specserve.cluster.prefix_cache.cache import SharedPrefixCache
 from specserve.cluster.prefix_cache.redis_store import RedisBlockStore
 
 from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine, default_dtype
-from specserve.workers.model.cpu_info import cpu_info
+from specserve.workers.model.cpu_info import busy_reason, cpu_info
 from specserve.workers.model.kernel_choice import AUTO, check_mode, choose_kernels
 from specserve.workers.model.llama import LlamaModel, MissingWeightError
 from specserve.workers.model.model_config import ModelConfig, UnsupportedConfigError
@@ -28,6 +29,8 @@ from specserve.workers.model.model_source import (
     resolve_model,
 )
 from specserve.workers.spec.tree_size import LatencyCurve, curve_key
+
+log = logging.getLogger("specserve.loader")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,11 +135,16 @@ def load_engine(model: str, options: LoadOptions = LoadOptions(), model_drafter:
         shared = _shared_cache(store, source, weights, config.block_size, options.cache_ttl_s)
         if draft is not None:
             draft_shared = _shared_cache(store, draft_source, draft, config.block_size, options.cache_ttl_s)
+    busy_before = busy_reason()
     engine = LLMEngine(weights, tokenizer, config, eos_token_ids(source, tokenizer), latency_curve=curve,
                        draft_model=draft, model_drafter=model_drafter, shared_cache=shared,
                        model_fingerprint=source.fingerprint,
                        draft_shared_cache=draft_shared,
                        draft_fingerprint=draft_source.fingerprint if draft_source else "")
     if curve is None and engine.speculator is not None and engine.speculator.curve is not None:
-        engine.speculator.curve.save(curve_path)  # measured once per model, machine, dtype, threads, kernels
+        busy = busy_before or busy_reason()
+        if busy:  # a curve measured while others hold the cores is too steep: it would prune every tree, for good
+            log.warning("verify latency curve measured while the machine is busy (%s): used now, not cached", busy)
+        else:
+            engine.speculator.curve.save(curve_path)  # measured once per model, machine, dtype, threads, kernels
     return LoadedModel(source, engine)
