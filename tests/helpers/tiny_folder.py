@@ -21,6 +21,21 @@ def save_tiny_model(folder: Path, max_position_embeddings: int = 4096, seed: int
     return str(folder)
 
 
+# A chat template the word-level tokenizer can render: "w1 <content> ... w2" (w2 starts the reply).
+CHAT_TEMPLATE = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w2{% endif %}"
+
+
+def save_tiny_chat_model(folder: Path) -> str:
+    """save_tiny_model with CHAT_TEMPLATE on its tokenizer (for chat requests and ShareGPT prompts)."""
+    from transformers import AutoTokenizer
+
+    save_tiny_model(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def tiny_engine_config(spec: SpecConfig = SpecConfig("none"), kv_cache_bytes: int = 1 << 22) -> EngineConfig:
     return EngineConfig(block_size=4, kv_cache_bytes=kv_cache_bytes, spec=spec)
 

@@ -12,7 +12,6 @@ import urllib.request
 
 import openai
 import pytest
-from transformers import AutoTokenizer
 
 from specserve.scheduler.cli.main import build_parser
 from specserve.scheduler.cli.serve import server_config
@@ -21,21 +20,16 @@ from specserve.scheduler.server.grpc_server import ServerConfig, ServerThread
 
 from tests.helpers.tls import self_signed_cert
 from tests.helpers.tiny_server import load_tiny, start_server
-from tests.helpers.tiny_folder import save_tiny_model
+from tests.helpers.tiny_folder import save_tiny_chat_model
 
 PROMPTS = [" ".join(f"w{(7 * i + j * j) % 90 + 2}" for j in range(5 + i)) for i in range(6)]
 CHAT = [{"role": "system", "content": "w9 w8"}, {"role": "user", "content": "w3 w4 w5 w6"}]
-TEMPLATE = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w2{% endif %}"
 POLL_S = 10.0
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
-    folder = save_tiny_model(tmp_path_factory.mktemp("tiny"))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny"))
 
 
 def load(folder, max_num_seqs=32):

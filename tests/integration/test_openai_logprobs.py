@@ -23,23 +23,18 @@ from specserve.workers.actors.worker_model import WorkerModel
 from specserve.workers.model.loader import LoadOptions
 from specserve.workers.spec.methods import SpecConfig
 
-from tests.helpers.tiny_folder import save_tiny_model, tiny_engine_config
+from tests.helpers.tiny_folder import save_tiny_chat_model, tiny_engine_config
 from tests.helpers.tiny_server import start_server
 
 PROMPTS = ["w5 w7 w9 w11 w3 w5 w7 w9 w11 w3 w5 w7", "w1 w2 w3 w4 w1 w2 w3 w4 w1 w2", "w40 w41 w42"]
 CHAT = [{"role": "user", "content": "w3 w4 w5 w3 w4 w5"}]
-TEMPLATE = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w2{% endif %}"
 TOLERANCE = 1e-4  # our paged / tree-attention forward against transformers', both float32
 NEW = {"ignore_eos": True, "return_token_ids": True}
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
-    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-logprobs"))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-logprobs"))
 
 
 @pytest.fixture(scope="module")

