@@ -4,7 +4,7 @@
 # script for every way of deploying, so they all run the same commands:
 #   ray up deploy/cluster.yaml / deploy/cluster-aws.yaml   (head_/worker_start_ray_commands)
 #   KubeRay deploy/kuberay/raycluster.yaml                  (container command, foreground)
-#   tests/integration/test_deploy_start.py                  (head + one node per role on one machine)
+#   tests/integration/test_deploy_cluster.py                (head + one node per role on one machine)
 #
 # Usage: start-node.sh [start|stop|serve|probe live|probe ready]      (default: start)
 #
