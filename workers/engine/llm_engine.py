@@ -393,9 +393,3 @@ class LLMEngine:
         self._prefix_keys.pop(seq.request_id, None)
         self._given_kv.pop(seq.request_id, None)
 
-
-def default_dtype(device: str) -> torch.dtype:
-    """fp32 on CPU; bf16 on GPUs that have it, else fp16."""
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32

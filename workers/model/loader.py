@@ -13,7 +13,7 @@ import torch
 from specserve.cluster.prefix_cache.cache import SharedPrefixCache
 from specserve.cluster.prefix_cache.redis_store import RedisBlockStore
 
-from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine, default_dtype
+from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
 from specserve.workers.model.cpu_info import busy_reason, cpu_info
 from specserve.workers.model.kernel_choice import AUTO, check_mode, choose_kernels
 from specserve.workers.model.llama import LlamaModel, MissingWeightError
@@ -34,6 +34,13 @@ log = logging.getLogger("specserve.loader")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU; bf16 on GPUs that have it, else fp16."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 @dataclass(frozen=True)
