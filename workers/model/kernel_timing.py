@@ -94,7 +94,6 @@ def _time_candidates(kind: Kind, runs: dict, bar) -> list[PathTimes]:
         for path in alive:
             if best[path][i] > max(DROP_FACTOR * fastest, DROP_MIN_S):
                 largest[path] = i + 1
-                best[path][i + 1 :] = [math.inf] * (len(ROW_COUNTS) - i - 1)
     bar.update(1)
     for _ in range(ROUNDS - 1):
         for i, rows in enumerate(ROW_COUNTS):
