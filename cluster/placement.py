@@ -2,8 +2,10 @@
 
 A node that offers `specserve_<role>` hosts that role's actors; each actor takes
 `resource_per_replica` units of it (deploy/start-node.sh offers N units for `verify:N`, so one
-unit = one actor). When no node in the cluster offers a role's resource (one machine, embedded
-Ray), that role's actors are pinned to the node this process runs on.
+unit = one actor). In a cluster the scheduler joined (`--address`), a role's actors always ask
+for its resource: when no node offers it yet they wait (pending in Ray) until one joins, so
+role nodes may start after the scheduler or scale up from zero. In an embedded Ray (one machine)
+a role no node offers is pinned to the node this process runs on.
 """
 
 import enum
@@ -47,12 +49,26 @@ def role_offered(role: Role, cluster_resources: dict[str, float]) -> bool:
     return cluster_resources.get(role.resource, 0) > 0
 
 
-def actor_options(role: Role, spec: RoleSpec, cluster_resources: dict[str, float], local_node_id: str) -> dict:
+def roles_not_offered(roles: list[Role], cluster_resources: dict[str, float]) -> str:
+    """What to tell someone whose actors of these roles wait: the roles no node offers, and how
+    to start one ('' when every role is offered: the nodes are busy or still loading)."""
+    missing = [r for r in roles if not role_offered(r, cluster_resources)]
+    if not missing:
+        return ""
+    names = ", ".join(r.resource for r in missing)
+    how = ",".join(r.value for r in missing)
+    return f"no node offers {names}: start one with SPECSERVE_ROLE={how} deploy/start-node.sh (or ray start --resources)"
+
+
+def actor_options(role: Role, spec: RoleSpec, cluster_resources: dict[str, float], local_node_id: str,
+                  joined: bool = False) -> dict:
     """Ray actor options placing one actor of `role`: on a node offering the role's resource, or
-    (no node offers it) on the local node. Name, namespace and lifetime are the caller's."""
+    (embedded, no node offers it) on the local node. joined: the scheduler joined a cluster, so
+    the resource is asked for even if no node offers it now. Name, namespace and lifetime are
+    the caller's."""
     options = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "max_restarts": spec.max_restarts,
                "max_task_retries": 0}  # a streamed request is resubmitted by the scheduler, never replayed
-    if role_offered(role, cluster_resources):
+    if joined or role_offered(role, cluster_resources):
         options["resources"] = {role.resource: spec.resource_per_replica}
     else:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

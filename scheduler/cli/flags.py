@@ -111,6 +111,9 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                    help="worker actor names start with this (a restarted server finds its workers by name)")
     p.add_argument("--keep-workers", action="store_true",
                    help="on shutdown leave the worker actors running for the next server to find")
+    p.add_argument("--worker-ready-timeout", type=float, default=900.0, metavar="S",
+                   help="seconds the worker actors may take to start (model load; with --address also "
+                        "waiting for a node that offers their role to join) before the server gives up")
 
 
 def load_options(args: argparse.Namespace, threads: int | None = None):

@@ -39,6 +39,7 @@ def ray_serve_options(args) -> RayServeOptions | None:
         name=args.deployment_name, verify=role("verify", verify_replicas),
         prefill=role("prefill", args.prefill_replicas), draft=role("draft", args.draft_replicas),
         prefill_threshold=args.prefill_threshold, max_queued=args.max_queued, keep_workers=args.keep_workers,
+        ready_timeout_s=args.worker_ready_timeout,
         prefill_group_size=args.prefill_group_size, sequence_parallel=SequenceParallelMode(args.sequence_parallel),
         long_prompt_threshold=args.long_prompt_threshold,
     )

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 
-from specserve.cluster.placement import Role, actor_options
+from specserve.cluster.placement import Role, actor_options, roles_not_offered
 from specserve.cluster.ray_cluster import NAMESPACE, ClusterInfo
 from specserve.workers.actors.messages import WorkerInfo
 from specserve.workers.actors.worker_model import WorkerModel
@@ -54,12 +54,21 @@ class ActorPool:
         import ray
 
         c = self.config
+        roles = [Role.VERIFY] + [Role.PREFILL] * bool(c.prefill.replicas) + [Role.DRAFT] * self.uses_draft_worker
+        if not self.cluster.embedded and (waiting := roles_not_offered(roles, self.cluster.resources)):
+            log.warning("%s; the workers wait for it (up to %.0f s)", waiting, c.ready_timeout_s)
         if self.uses_draft_worker:
             self.draft_handles = [self._actor(Role.DRAFT, i) for i in range(c.draft.replicas)]
         self.prefill_handles = [self._actor(Role.PREFILL, i) for i in range(c.prefill.replicas)]
         verify = [self._actor(Role.VERIFY, i) for i in range(c.verify.replicas)]
-        ray.get([h.ready.remote() for h in self.draft_handles + self.prefill_handles], timeout=c.ready_timeout_s)
-        infos = ray.get([h.ready.remote() for h in verify], timeout=c.ready_timeout_s)
+        deadline = time.monotonic() + c.ready_timeout_s
+        try:
+            ray.get([h.ready.remote() for h in self.draft_handles + self.prefill_handles], timeout=c.ready_timeout_s)
+            infos = ray.get([h.ready.remote() for h in verify], timeout=max(deadline - time.monotonic(), 1.0))
+        except ray.exceptions.GetTimeoutError:
+            why = roles_not_offered(roles, ray.cluster_resources()) or "the role nodes are busy or still loading"
+            raise RuntimeError(f"worker actors not ready after {c.ready_timeout_s:.0f} s (ready_timeout_s): "
+                               f"{why}") from None
         self.replicas = [VerifyReplica(i, h, c.max_queued) for i, h in enumerate(verify)]
         return infos[0]
 
@@ -81,7 +90,8 @@ class ActorPool:
             ray.kill(existing)  # another model or configuration: replace it
         except Exception:  # noqa: BLE001 - none of that name (or it died): create it
             pass
-        options = actor_options(role, self.config.role(role), self.cluster.resources, self.cluster.node_id)
+        options = actor_options(role, self.config.role(role), self.cluster.resources, self.cluster.node_id,
+                                joined=not self.cluster.embedded)
         options.update(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                        runtime_env={"env_vars": WORKER_ENV})
         wm = self.worker_model

@@ -62,7 +62,8 @@ class RayPrefillGroup:
 
         c = self.config
         g = next(self._formation)
-        options = actor_options(Role.PREFILL, c.role, self.cluster.resources, self.cluster.node_id)
+        options = actor_options(Role.PREFILL, c.role, self.cluster.resources, self.cluster.node_id,
+                                joined=not self.cluster.embedded)
         options.update(namespace=NAMESPACE, max_restarts=0, **self.worker_options)
         handles = [ray.remote(PrefillGroupWorker).options(name=f"{c.name}-prefill-group-g{g}-r{rank}", **options)
                    .remote(self.worker_model, rank, c.world_size, c.mode, self.model_factory)

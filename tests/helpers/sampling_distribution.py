@@ -9,7 +9,7 @@ drafters propose on every step.
 
 import torch
 
-from specserve.workers.engine.sampler import target_probs
+from specserve.workers.engine.sampler import race, target_probs
 from specserve.workers.engine.sequence import SamplingParams
 from specserve.workers.spec.verify import Acceptance
 
@@ -50,11 +50,11 @@ def exact_first_tokens(model, prompt: list[int], params: SamplingParams,
     return dict(zip(prefixes, probs.tolist()))
 
 
-def accept_first_drafts(tree, target_p, generator) -> Acceptance:
+def accept_first_drafts(tree, target_p, noise) -> Acceptance:
     """Broken on purpose (monkeypatched over speculator.verify_sampling): takes every first child
-    down the tree, then samples the bonus from p."""
+    down the tree, then races p for the bonus."""
     children, path = tree.children(), [0]
     while children[path[-1]]:
         path.append(children[path[-1]][0])
-    bonus = int(torch.multinomial(target_p(path[-1]), 1, generator=generator))
+    bonus = race(target_p(path[-1]), noise(tree.depths[path[-1]]))
     return Acceptance(path, [tree.tokens[n] for n in path[1:]] + [bonus])

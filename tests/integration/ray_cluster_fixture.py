@@ -64,10 +64,13 @@ class Collector:
     def __init__(self):
         self.items: queue.Queue = queue.Queue()
         self.tokens: list[int] = []
+        self.text = ""
+        self.last = None  # the final output or the exception, once run_collected waited for it
 
     def __call__(self, item) -> None:
         if not isinstance(item, Exception):
             self.tokens.extend(item.new_token_ids)
+            self.text += item.new_text
         self.items.put(item)
 
     def wait(self, timeout: float = POLL_S):
@@ -79,10 +82,16 @@ class Collector:
                 return item
 
 
-def run(backend, prompt: list[int], n: int, loop: int = 0):
-    """One greedy request of n tokens through a RayBackend replica: its tokens and last output."""
+def run(backend, prompt: list[int], n: int, loop: int = 0, params: SamplingParams | None = None):
+    """One request of n tokens (greedy unless params) through a RayBackend replica: its tokens and last output."""
+    out = run_collected(backend, prompt, params or SamplingParams(max_new_tokens=n, ignore_eos=True), loop)
+    return out.tokens, out.last
+
+
+def run_collected(backend, prompt: list[int], params: SamplingParams, loop: int = 0) -> Collector:
+    """One request through a RayBackend replica, run to its end: its Collector (last: the final output)."""
     out = Collector()
-    backend.loops[loop].submit(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True), uuid.uuid4().hex, out)
-    last = out.wait()
-    assert not isinstance(last, Exception), last
-    return out.tokens, last
+    backend.loops[loop].submit(prompt, params, uuid.uuid4().hex, out)
+    out.last = out.wait()
+    assert not isinstance(out.last, Exception), out.last
+    return out

@@ -28,7 +28,7 @@ from specserve.workers.actors.worker_model import WorkerModel
 
 from tests.helpers.tiny_folder import GreedyReference, save_tiny_model, tiny_engine_config
 
-from .ray_cluster_fixture import Collector, poll, run
+from .ray_cluster_fixture import Collector, poll, run, run_collected
 
 THRESHOLD = 24  # prompts this long go through the PrefillWorker (short ones do not)
 PROMPTS = [[(7 * i + j * j) % 90 + 2 for j in range(n)] for i, n in enumerate((5, 11, 40, 64))]
@@ -159,10 +159,13 @@ def test_no_kv_blocks_left_after_requests(model_backend):
     poll(draft_empty, "the draft worker to release every sequence")
 
 
-def kill_mid_generation(backend: RayBackend, handle_of, prompt: list[int], n: int, no_restart: bool):
-    """Starts a request, kills an actor once some tokens were delivered; returns the outputs."""
+def kill_mid_generation(backend: RayBackend, handle_of, prompt: list[int], n: int, no_restart: bool,
+                        params: SamplingParams | None = None):
+    """Starts a request (greedy unless params), kills an actor once some tokens were delivered;
+    returns the outputs."""
     out = Collector()
-    backend.loops[0].submit(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True), uuid.uuid4().hex, out)
+    params = params or SamplingParams(max_new_tokens=n, ignore_eos=True)
+    backend.loops[0].submit(prompt, params, uuid.uuid4().hex, out)
     poll(lambda: len(out.tokens) >= 8, "the first tokens")
     assert len(out.tokens) < n, "finished before the kill: raise n"
     ray.kill(handle_of(backend), no_restart=no_restart)
@@ -183,6 +186,24 @@ def test_verify_actor_killed_mid_generation_still_gives_the_full_output(ray_clus
         assert backend.driver.resubmits == 1
         tokens, _ = run(backend, PROMPTS[0], 16)  # and it keeps serving
         assert tokens == reference(PROMPTS[0], 16)
+    finally:
+        backend.shutdown()
+
+
+def test_a_resubmitted_request_samples_and_says_what_the_one_run_did(ray_cluster, tiny_folder):
+    """Sampled and seeded, and with a stop string that never matches but holds back text at every
+    step: after the verify worker dies mid-request, the tokens and the text are the one run's
+    (the same per-position noise; the held-back text not lost)."""
+    backend = start_backend(tiny_folder, SpecConfig("ngram", 4), prefill=RoleSpec(replicas=0))
+    try:
+        prompt, n = PROMPTS[1], 1500
+        params = SamplingParams(max_new_tokens=n, temperature=0.9, seed=17, ignore_eos=True, stop=("#" * 30,))
+        one = run_collected(backend, prompt, params)
+        out, last = kill_mid_generation(backend, lambda b: b.loops[0].handle, prompt, n, False, params)
+        assert not isinstance(last, Exception), last
+        assert backend.driver.resubmits == 1
+        assert out.tokens == one.tokens and len(out.tokens) == n
+        assert out.text == one.text and len(one.text) > 30
     finally:
         backend.shutdown()
 

@@ -10,7 +10,7 @@ with the long prompt a PrefillWorker computes the prompt's target and draft K/V 
 
 Requests: temperature 1.3, seeds 0..N-1, 3 new tokens, end-of-sequence ignored, WAVE in flight
 at once (one engine batch). The first two tokens (the prefill's sample, then one verify step's
-sibling rejection) are compared with the exact distribution from the target's logits
+token) are compared with the exact distribution from the target's logits
 (transformers, not our engine) by a chi-square test (tests/helpers/chi_square.py):
 
     cells: every 2-token outcome expected >= 5 times; the rest pooled into one cell

@@ -30,7 +30,7 @@ from tests.helpers.tiny_models import ours_from_hf, tiny_hf, tiny_tokenizer
 NODE = "ab" * 28  # a node id: 28 bytes in hex
 
 
-def test_a_role_goes_to_the_nodes_offering_its_resource_else_to_this_node():
+def test_a_role_goes_to_the_nodes_offering_its_resource_else_to_this_node_unless_joined():
     spec = RoleSpec(replicas=2, num_cpus=0.5, num_gpus=1, resource_per_replica=1)
     offered = actor_options(Role.VERIFY, spec, {"CPU": 8, "specserve_verify": 2}, NODE)
     assert offered["resources"] == {"specserve_verify": 1} and "scheduling_strategy" not in offered
@@ -38,6 +38,8 @@ def test_a_role_goes_to_the_nodes_offering_its_resource_else_to_this_node():
     local = actor_options(Role.DRAFT, spec, {"CPU": 8, "specserve_verify": 2}, NODE)
     assert "resources" not in local and local["scheduling_strategy"].node_id == NODE
     assert not local["scheduling_strategy"].soft
+    joined = actor_options(Role.DRAFT, spec, {"CPU": 8, "specserve_verify": 2}, NODE, joined=True)
+    assert joined["resources"] == {"specserve_draft": 1} and "scheduling_strategy" not in joined  # waits for one
     with pytest.raises(ValueError, match="replicas"):
         RoleSpec(replicas=-1)
 

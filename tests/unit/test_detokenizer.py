@@ -143,3 +143,37 @@ def test_split_utf8_with_a_stop_string(byte_tok):
         emitted += delta
     assert detok.stopped
     assert emitted + detok.flush() == f"a café {EMOJI} "
+
+
+# ---- a resubmitted request: the delivered output replayed (LLMEngine.add_request's resumed) -----
+
+@pytest.mark.parametrize("stop", [(), ("w4 w2",), ("5 w6",)])
+def test_replay_at_any_point_gives_the_same_text_as_one_run(tok, stop):
+    """The text delivered before a resubmission point plus what a detokenizer resumed there
+    delivers is the one run's text: held-back text is not lost, and a stop string spanning the
+    point still stops it."""
+    output = [3, 5, 6, 19, 3, 4, 2, 9, 8]
+    one = IncrementalDetokenizer(tok, PROMPT, stop=stop)
+    whole = "".join(stream(one, output)) + one.flush()
+    for k in range(1, len(output)):
+        first = IncrementalDetokenizer(tok, PROMPT, stop=stop)
+        delivered = "".join(stream(first, output[:k]))
+        if first.stopped:
+            break  # the first attempt already ended: nothing to resume
+        resumed = IncrementalDetokenizer(tok, PROMPT, stop=stop)
+        resumed.replay(output[:k], len(delivered))
+        rest = "".join(stream(resumed, output[k:])) + resumed.flush()
+        assert delivered + rest == whole, k
+        assert resumed.stopped == one.stopped
+
+
+def test_replay_finishes_a_character_split_at_the_resubmission_point(byte_tok):
+    text = f"the café {EMOJI} is open"
+    ids, prompt = byte_tok(text)["input_ids"], byte_tok("say:")["input_ids"]
+    emoji_start = next(k for k in range(len(ids)) if EMOJI not in byte_tok.decode(ids[: k + 1])
+                       and EMOJI in byte_tok.decode(ids[: k + 2]))
+    first = IncrementalDetokenizer(byte_tok, prompt)
+    delivered = "".join(stream(first, ids[: emoji_start + 1]))  # a piece of the emoji: held back
+    resumed = IncrementalDetokenizer(byte_tok, prompt)
+    resumed.replay(ids[: emoji_start + 1], len(delivered))
+    assert delivered + "".join(stream(resumed, ids[emoji_start + 1 :])) + resumed.flush() == text

@@ -74,9 +74,3 @@ def test_limit_depth_and_select():
     assert picked.tokens == [10, 12, 14] and picked.parents == [-1, 0, 1]
     with pytest.raises(ValueError, match="parent"):
         tree.select([0, 4])  # 4's parent 2 dropped
-
-
-def test_select_keeps_draft_probabilities_of_kept_nodes():
-    q = torch.eye(6)
-    tree = DraftTree([10, 11, 12, 13, 14, 15], PARENTS, draft_q=q)
-    assert torch.equal(tree.select([0, 2, 4]).draft_q, q[[0, 2, 4]])

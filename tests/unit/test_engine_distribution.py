@@ -11,14 +11,14 @@ samples N sequences with seeds 0..N-1 and the counts are compared by a chi-squar
     so a given run always gives the same answer)
 
 Token 1 is the prefill's plain sample; tokens 2 and 3 come from verification (the tree is cut
-to depth 2 as the request has max_new_tokens 4), so sibling rejection and acceptance one level
-down are both tested. A verifier that accepts every first draft fails the same test, and every
+to depth 2 as the request has max_new_tokens 4), so a bonus token and acceptance one level down
+are both tested. A verifier that accepts every first draft fails the same test, and every
 method must have proposed and accepted drafts, or the test would prove nothing.
 
 N is 2000 per method here; SPECSERVE_DIST_SAMPLES raises it (20000 for the full bench size).
 Speculation runs on every step: max_draft_tokens is fixed, so there is no latency curve and no
-speculation gate (Speculator.gate is None). Pruning by the latency curve (choose_trees) is
-checked exactly in test_model_drafter_exact.py. One torch thread: the model is tiny, and on a
+speculation gate (Speculator.gate is None). That any tree, however pruned, emits the plain
+sampler's tokens is checked token for token in test_verify.py and test_spec_engine.py. One torch thread: the model is tiny, and on a
 shared 2-core machine more threads made each forward ~10x slower.
 """
 

@@ -31,8 +31,7 @@ def test_greedy_has_no_sampling_distribution():
 def test_mixed_batch_samples_only_the_sampling_rows():
     # Row 1 puts all mass on token 3 (the others at -inf), so its draw is certain.
     logits = torch.tensor([[0.0, 9.0, 0.0, 0.0], [float("-inf"), float("-inf"), float("-inf"), 0.0]])
-    gen = torch.Generator().manual_seed(0)
-    assert sample_tokens(logits, [SamplingParams(), sampled()], [None, gen]) == [1, 3]
+    assert sample_tokens(logits, [SamplingParams(), sampled()], [None, torch.rand(4) + 0.1]) == [1, 3]
 
 
 def test_temperature_one_is_plain_softmax():
@@ -88,9 +87,10 @@ def test_top_p_tiny_keeps_the_single_most_likely_token():
 
 
 def draws(seed: int, n: int = 50) -> list[int]:
+    """The tokens a request with this seed samples at positions 3 .. 3 + n (uniform over 16)."""
     seq = Sequence([1, 2, 3], sampled(seed=seed))
-    logits = torch.zeros(1, 16)  # uniform over 16 tokens: draws vary a lot
-    return [sample_tokens(logits, [seq.params], [seq.generator])[0] for _ in range(n)]
+    logits = torch.zeros(1, 16)
+    return [sample_tokens(logits, [seq.params], [seq.noise(3 + i, 16)])[0] for i in range(n)]
 
 
 def test_same_seed_same_tokens_different_seed_different_tokens():
@@ -100,18 +100,13 @@ def test_same_seed_same_tokens_different_seed_different_tokens():
     assert len(set(first)) > 5  # the draws are actually random
 
 
-def test_unseeded_sequences_get_a_generator_greedy_ones_none():
-    assert Sequence([1], sampled()).generator is not None
-    assert Sequence([1], SamplingParams()).generator is None
-
-
 def test_unseeded_request_leaves_the_global_rng_alone():
-    # A request without a seed gets fresh entropy for its own generator; torch's global RNG
-    # (which model init, data shuffling, other tests rely on) must not be reseeded by it.
+    # A request without a seed gets fresh entropy for its own noise; torch's global RNG
+    # (which model init, data shuffling, other tests rely on) must not be drawn from by it.
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    Sequence([1], sampled())
+    Sequence([1], sampled()).noise(1, 16)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -120,8 +115,8 @@ def test_sampled_tokens_follow_the_target_distribution():
     params = sampled(temperature=0.8, top_k=4, top_p=0.95)
     target = target_probs(logits, params)
     assert target[4] == 0  # cut by top_k
-    gen = torch.Generator().manual_seed(2024)
-    tokens = sample_tokens(logits.expand(NUM_DRAWS, -1), [params] * NUM_DRAWS, [gen] * NUM_DRAWS)
+    noise = torch.empty(NUM_DRAWS, 5).exponential_(generator=torch.Generator().manual_seed(2024))
+    tokens = sample_tokens(logits.expand(NUM_DRAWS, -1), [params] * NUM_DRAWS, list(noise))
     freq = torch.bincount(torch.tensor(tokens), minlength=5).float() / NUM_DRAWS
     assert freq[4] == 0
     assert (freq - target).abs().max().item() < MAX_FREQ_DIFF
@@ -154,8 +149,7 @@ def test_a_tiny_temperature_is_the_argmax_not_nan(temperature):
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.999], [1.0, 1.0, 0.0, -2.0]])
     probs = target_probs(logits, sampled(temperature))
     torch.testing.assert_close(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]))  # ties share it
-    gen = torch.Generator().manual_seed(0)
-    assert sample_tokens(logits, [sampled(temperature)] * 2, [gen, gen])[0] == 1
+    assert sample_tokens(logits, [sampled(temperature)] * 2, [torch.rand(logits.shape[-1]) + 0.1] * 2)[0] == 1
 
 
 def test_a_temperature_that_rounds_to_zero_in_float32_is_the_argmax_too():

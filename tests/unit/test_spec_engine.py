@@ -100,3 +100,19 @@ def test_bf16_speculation_is_token_identical_to_bf16_without(bf16_model, method)
     seqs = run(bf16_model, SpecConfig(method, 8, draft_model="self" if draft else None), draft=draft)
     assert [s.output_ids for s in seqs] == reference
     assert sum(s.spec.drafted_tokens for s in seqs) > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "recycling", "ngram+recycling", "model", "model+ngram"])
+@pytest.mark.parametrize("max_draft", [2, 16])
+def test_seeded_sampling_samples_the_same_tokens_with_every_method(model, method, max_draft):
+    """Sampling is exact in the strongest sense: token for token what no speculation samples
+    with the same seed (each position's token is decided by the target and that position's
+    noise alone; verify.py)."""
+    params = SamplingParams(max_new_tokens=32, temperature=0.8, top_p=0.95, seed=5)
+    reference = [s.output_ids for s in run(model, SpecConfig("none"), params)]
+    draft = model if "model" in method else None
+    spec = SpecConfig(method, max_draft, draft_model="self" if draft else None)
+    seqs = run(model, spec, params, draft=draft)
+    assert [s.output_ids for s in seqs] == reference
+    if method == "model":  # self-drafting guesses its own draws: nearly every draft token is taken
+        assert sum(s.spec.accepted_tokens for s in seqs) > 0.8 * sum(s.spec.drafted_tokens for s in seqs) / max_draft

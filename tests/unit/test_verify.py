@@ -2,6 +2,7 @@
 
 import torch
 
+from specserve.workers.engine.sampler import race
 from specserve.workers.engine.kv_cache import BlockTable, KVCacheConfig, PagedKVCache
 from specserve.workers.spec.draft_tree import DraftTree
 from specserve.workers.spec.verify import verify_greedy, verify_sampling
@@ -32,17 +33,44 @@ def test_root_only_tree_is_plain_decoding():
     assert acc.path == [0] and acc.tokens == [42]
 
 
-def test_sampling_is_deterministic_for_a_seed():
-    p = torch.softmax(torch.randn(6, 10, generator=torch.Generator().manual_seed(0)), dim=-1)
-    runs = [verify_sampling(TREE, lambda n: p[n], torch.Generator().manual_seed(7)).tokens for _ in range(2)]
-    assert runs[0] == runs[1]
+def noise_of(seed: int, depths: int = 6, vocab: int = 10) -> torch.Tensor:
+    return torch.empty(depths, vocab).exponential_(generator=torch.Generator().manual_seed(seed))
 
 
 def test_sampling_accepts_a_sure_draft():
     p = torch.zeros(6, 10)
     p[0, 6], p[2, 8], p[4, 9], p[5, 3] = 1.0, 1.0, 1.0, 1.0  # the target is certain of b, d, e, then 3
-    acc = verify_sampling(TREE, lambda n: p[n], torch.Generator().manual_seed(0))
+    acc = verify_sampling(TREE, lambda n: p[n], noise_of(0).__getitem__)
     assert acc.tokens == [6, 8, 9, 3]
+
+
+def test_sampled_tokens_are_the_plain_samplers_whatever_the_tree():
+    """Speculation emits, token for token, what sampling one token per step emits with the same
+    noise: for random targets, random trees, and trees drawn from the noise itself."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, depth = 6, 5
+    for trial in range(300):
+        # a toy target Markov in the last token: p[t] = p(. | t); a sharp one, so drafts get accepted
+        p = torch.softmax(3 * torch.randn(vocab, vocab, generator=gen), dim=-1)
+        noise = noise_of(trial, depth + 1, vocab)
+        root = trial % vocab
+        plain, last = [], root
+        for d in range(depth + 1):  # the plain sampler: one race per position
+            last = race(p[last], noise[d])
+            plain.append(last)
+        tokens, parents = [root], [-1]
+        for _ in range(int(torch.randint(0, 12, (), generator=gen))):  # a random tree
+            parent = int(torch.randint(0, len(tokens), (), generator=gen))
+            if tree_depth(parents, parent) < depth:
+                tokens.append(int(torch.randint(0, vocab, (), generator=gen)))
+                parents.append(parent)
+        tree = DraftTree(tokens, parents)
+        acc = verify_sampling(tree, lambda n: p[tree.tokens[n]], noise.__getitem__)
+        assert acc.tokens == plain[: len(acc.tokens)], trial
+
+
+def tree_depth(parents: list[int], node: int) -> int:
+    return 0 if parents[node] < 0 else 1 + tree_depth(parents, parents[node])
 
 
 def test_commit_moves_the_accepted_path_and_frees_the_rest():

@@ -8,11 +8,10 @@ The draft KV of a prompt is either handed over (a prefill worker's PrefixKV, pla
 first proposal) or computed here from the tokens on the first proposal. It is never missing:
 drafting on an empty draft KV is the disaggregation bug that collapses acceptance.
 
-Sampled drafts draw from a random stream of their own (`draft_stream_seed`), never the verify
-worker's: verification is exact only for drafts independent of its coins.
+Sampled drafts use the request's own noise (Sequence.noise, keyed by its seed, which the
+scheduler always sets): they guess the very tokens the verifier's draws will pick (verify.py).
 """
 
-import hashlib
 import time
 
 from specserve.workers.actors.messages import DraftedTrees, DraftStats, DraftSync
@@ -82,8 +81,6 @@ class DraftWorker(WorkerActor):
         if sync.full:
             self.release([sync.key])
             seq = Sequence(list(sync.new_tokens), sync.params, request_id=sync.key)
-            if seq.generator is not None and sync.params.seed is not None:
-                seq.generator.manual_seed(draft_stream_seed(sync.params.seed))
             self._seqs[sync.key] = seq
             if sync.draft_prefix:
                 self._place_prefix(seq, sync.draft_prefix)
@@ -112,16 +109,3 @@ class DraftWorker(WorkerActor):
         stale = [key for key, used in self._last_used.items() if now - used > IDLE_DROP_S]
         if stale:
             self.release(stale)
-
-
-def draft_stream_seed(seed: int) -> int:
-    """The seed of a seeded request's draft draws here: its seed hashed, not the seed itself.
-
-    The verify worker's generator starts from the request's seed; a draft generator seeded
-    alike replays that stream, so a node's second draft is drawn from the very random number
-    that accepts or rejects its first (the verifier's first coin after the prefill's sample).
-    Through the actors that put the first two tokens off the target: chi-square p = 4e-41, N=400.
-    In-process the drafter shares the verifier's generator, drawing before it, which is exact.
-    """
-    digest = hashlib.sha256(f"specserve-draft-stream:{seed}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")  # any uint64 is a valid torch seed

@@ -8,7 +8,7 @@ travel inside PrefixKV (contiguous CPU tensors in the Ray object store).
 from dataclasses import dataclass, field
 
 from specserve.workers.engine.logprobs import TokenLogprobs
-from specserve.workers.engine.sequence import FinishReason, SamplingParams, SpecCounters
+from specserve.workers.engine.sequence import FinishReason, Resumed, SamplingParams, SpecCounters
 from specserve.workers.spec.draft_tree import DraftTree
 
 
@@ -18,6 +18,7 @@ class VerifyRequest:
     prompt_ids: list[int]  # [P] the prompt; on a resubmission, the prompt + every token already emitted
     params: SamplingParams  # on a resubmission, max_new_tokens is what is left
     cache_salt: str = ""
+    resumed: Resumed | None = None  # on a resubmission: how much of prompt_ids is delivered output
 
     @classmethod
     def empty(cls) -> "VerifyRequest":

@@ -80,7 +80,8 @@ class VerifyWorker(WorkerActor):
             yield [StreamChunk(rid, [], "", finished=True, finish_reason=FinishReason.ABORT)]
             return
         try:
-            self.loop.submit(request.prompt_ids, request.params, rid, receive, request.cache_salt, prefix_kv)
+            self.loop.submit(request.prompt_ids, request.params, rid, receive, request.cache_salt, prefix_kv,
+                             request.resumed)
         except (QueueFullError, LoopStoppedError, ValueError) as e:
             yield [StreamChunk(rid, [], "", error=str(e), invalid=isinstance(e, ValueError))]
             return

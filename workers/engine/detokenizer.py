@@ -35,6 +35,13 @@ class IncrementalDetokenizer:
         delta, self.emitted = self.text[self.emitted : end], end
         return delta
 
+    def replay(self, ids: list[int], delivered_chars: int) -> None:
+        """Feeds output an earlier attempt delivered (ids) of which delivered_chars characters of
+        text went out: what it held back comes with the next `add`, and a stop string that began
+        in it is still found."""
+        self.add(ids)
+        self.emitted = min(delivered_chars, len(self.text))
+
     def flush(self) -> str:
         """The text still held back, at the end of generation."""
         delta, self.emitted = self.text[self.emitted :], len(self.text)

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from specserve.workers.engine.llm_engine import LLMEngine, RequestOutput
 from specserve.workers.engine.kv_prefix import PrefixKV
-from specserve.workers.engine.sequence import (FinishReason, SamplingParams, Sequence, SequenceStatus,
+from specserve.workers.engine.sequence import (FinishReason, Resumed, SamplingParams, Sequence, SequenceStatus,
                                                SequenceView, SpecCounters)
 
 log = logging.getLogger("specserve.engine_loop")
@@ -144,6 +144,7 @@ class _Pending:
     on_output: OutputCallback
     cache_salt: str
     prefix_kv: PrefixKV | None = None  # the prompt's blocks found in the shared prefix cache
+    resumed: Resumed | None = None  # a resubmission (LLMEngine.add_request)
 
 
 class EngineLoop:
@@ -182,14 +183,15 @@ class EngineLoop:
         return self
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, on_output: OutputCallback,
-               cache_salt: str = "", prefix_kv: PrefixKV | None = None) -> None:
+               cache_salt: str = "", prefix_kv: PrefixKV | None = None, resumed: Resumed | None = None) -> None:
         """Admits a request; outputs go to on_output. Raises QueueFullError, LoopStoppedError,
         or ValueError for a request_id already in flight. prefix_kv: prompt K/V computed
-        elsewhere (a prefill worker's; see LLMEngine.add_request), skipping the shared cache lookup."""
+        elsewhere (a prefill worker's; see LLMEngine.add_request), skipping the shared cache lookup.
+        resumed: a resubmitted request's delivered output (see LLMEngine.add_request)."""
         with self._cv:
             self._gate.admit(request_id, self._callbacks)
             self._callbacks[request_id] = on_output
-            pending = _Pending(list(prompt_ids), params, request_id, on_output, cache_salt, prefix_kv)
+            pending = _Pending(list(prompt_ids), params, request_id, on_output, cache_salt, prefix_kv, resumed)
             if self._fetcher is None or prefix_kv is not None:
                 self._inbox.append(pending)
                 self._cv.notify()
@@ -296,7 +298,7 @@ class EngineLoop:
             return
         try:
             self.engine.add_request(pending.prompt_ids, pending.params, pending.request_id, pending.cache_salt,
-                                    pending.prefix_kv)
+                                    pending.prefix_kv, pending.resumed)
         except ValueError as e:
             self._deliver(pending.request_id, e)
             return

@@ -23,7 +23,7 @@ from specserve.workers.engine.kv_prefix import PrefixKV
 from specserve.workers.engine.logprobs import TokenLogprobs, token_logprobs
 from specserve.workers.model.llama import LlamaModel
 from specserve.workers.engine.sampler import sample_tokens, usable_rows
-from specserve.workers.engine.sequence import (FinishReason, SamplingParams, Sequence, SequenceStatus,
+from specserve.workers.engine.sequence import (FinishReason, Resumed, SamplingParams, Sequence, SequenceStatus,
                                                SequenceView, SpecCounters)
 from specserve.workers.spec.draft_tree import DraftTree
 from specserve.workers.spec.drafter import Drafter
@@ -213,10 +213,12 @@ class LLMEngine:
         return ModelDrafter(draft_model, kv, prefix_cache=cache)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    cache_salt: str = "", prefix_kv: PrefixKV | None = None) -> Sequence:
+                    cache_salt: str = "", prefix_kv: PrefixKV | None = None, resumed: Resumed | None = None) -> Sequence:
         """Queues a request. Raises ValueError naming the limit when it cannot ever run.
         cache_salt: requests with different salts never share cached prefix blocks.
-        prefix_kv: K/V of some of its prompt tokens computed or fetched elsewhere (see _attach_prefix)."""
+        prefix_kv: K/V of some of its prompt tokens computed or fetched elsewhere (see _attach_prefix).
+        resumed: the prompt ends with output an earlier attempt delivered: its text goes on from
+        what was delivered, and stop strings see it."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -228,6 +230,8 @@ class LLMEngine:
         bad = next((i for i, t in enumerate(prompt_ids) if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token {bad} is {prompt_ids[bad]}, not in the vocabulary [0, {vocab})")
+        if resumed is not None and resumed.tokens >= len(prompt_ids):
+            raise ValueError(f"resumed.tokens ({resumed.tokens}) must be less than the prompt's {len(prompt_ids)} tokens")
         if prefix_kv is not None and prefix_kv.start % self.config.block_size:
             raise ValueError(f"prefix_kv.start must be a multiple of the block size "
                              f"{self.config.block_size}, got {prefix_kv.start}")
@@ -235,7 +239,10 @@ class LLMEngine:
         if seq.request_id in self._requests:
             raise ValueError(f"request_id {seq.request_id!r} is already running")
         self._requests[seq.request_id] = seq
-        self._detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop)
+        context = seq.prompt_ids if resumed is None else seq.prompt_ids[: -resumed.tokens]
+        detok = self._detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, context, params.stop)
+        if resumed is not None:
+            detok.replay(seq.prompt_ids[-resumed.tokens :], resumed.text_chars)
         if self.config.prefix_caching:
             self._prefix_keys[seq.request_id] = self.block_keys(seq.prompt_ids, cache_salt)
         if prefix_kv is not None:
@@ -313,7 +320,8 @@ class LLMEngine:
         its draft tree verified (n = tree.size). An error here fails seq only."""
         try:
             if tree is None:
-                new, rows = sample_tokens(logits, [seq.params], [seq.generator]), [0]
+                noise = None if seq.params.greedy else seq.noise(seq.num_tokens, logits.shape[-1])
+                new, rows = sample_tokens(logits, [seq.params], [noise]), [0]
             else:
                 acceptance = self.speculator.verify_and_commit(seq, tree, logits)
                 new, rows = acceptance.tokens, acceptance.path  # the logits rows that chose them (logprobs.py)

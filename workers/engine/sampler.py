@@ -1,4 +1,6 @@
-"""Token choice from logits: greedy, or temperature / top-k / top-p sampling with a per-request seed.
+"""Token choice from logits: greedy, or temperature / top-k / top-p sampling by an exponential race
+against the request's noise for that position (Sequence.noise: a seeded request samples the same
+tokens however it is stepped, speculated or resubmitted).
 
 Any finite temperature > 0 gives a distribution: the logits are shifted so the largest is 0
 before dividing, so a tiny temperature sends the others to -inf (probability exactly 0) instead
@@ -44,14 +46,20 @@ def usable_rows(logits: torch.Tensor) -> torch.Tensor:
     return ~(logits.isnan() | logits.isposinf()).any(dim=-1) & logits.isfinite().any(dim=-1)
 
 
+def race(probs: torch.Tensor, noise: torch.Tensor) -> int:
+    """The token that wins the exponential race: argmax p(t) / E(t), E i.i.d. Exp(1) (noise). It is
+    t with probability exactly p(t) (the Gumbel-max trick: -log E is Gumbel); p(t) = 0 never wins."""
+    return int(torch.argmax(probs / noise))
+
+
 def sample_tokens(
     logits: torch.Tensor,  # [N, V] one row per sequence
     params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    noises: list[torch.Tensor | None],  # [V] each sampled row's noise (Sequence.noise); None for greedy rows
 ) -> list[int]:
-    """One token per row: argmax for greedy rows, a seeded draw from target_probs otherwise."""
+    """One token per row: argmax for greedy rows, race(target_probs, noise) otherwise."""
     tokens = logits.argmax(dim=-1).tolist()
-    for row, (p, gen) in enumerate(zip(params, generators)):
+    for row, (p, noise) in enumerate(zip(params, noises)):
         if not p.greedy:
-            tokens[row] = int(torch.multinomial(target_probs(logits[row], p), 1, generator=gen))
+            tokens[row] = race(target_probs(logits[row], p), noise)
     return tokens

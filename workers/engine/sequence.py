@@ -1,8 +1,10 @@
 """A request inside the engine: its tokens, sampling parameters, blocks and state."""
 
 import enum
+import hashlib
 import itertools
 import math
+import secrets
 import time
 from dataclasses import dataclass, field, fields
 from typing import Protocol
@@ -61,6 +63,19 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Resumed:
+    """A request resubmitted after its worker was lost: the prompt's last `tokens` ids are output
+    an earlier attempt delivered, `text_chars` characters of their text were delivered."""
+
+    tokens: int
+    text_chars: int
+
+    def __post_init__(self):
+        if self.tokens < 1 or self.text_chars < 0:
+            raise ValueError(f"resumed tokens must be >= 1 and text_chars >= 0, got {self.tokens}, {self.text_chars}")
+
+
+@dataclass(frozen=True)
 class SpecCounters:
     """How a request's tokens were produced. Counted per sequence by the engine, summed over a
     loop's finished requests (LoopStats) and over a Ray request's attempts. Every field is a count
@@ -93,6 +108,14 @@ class SequenceView(Protocol):
 _ids = itertools.count()
 
 
+def stream_seed(base: int, position: int) -> int:
+    """The seed of one position's draw: (base, position) hashed, so the draws of a request's
+    positions, and of requests with nearby seeds, never overlap (base + position would: seed s at
+    position n + 1 is seed s + 1 at position n)."""
+    digest = hashlib.blake2b(f"{base}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")  # any uint64 is a valid torch seed
+
+
 @dataclass(eq=False)
 class Sequence:
     prompt_ids: list[int]
@@ -107,18 +130,29 @@ class Sequence:
     finish_time: float | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
     spec: SpecCounters = SpecCounters()  # replaced (frozen) as steps add to it
-    generator: torch.Generator | None = None  # seeded per request when sampling
     cache_salt: str = ""  # requests with different salts never share cached prefix blocks
+    stream_base: int | None = None  # sampling only: keys its random draws (noise); None: params.seed, else fresh entropy
+    _noise: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # position -> noise
 
     def __post_init__(self):
         if not self.prompt_ids:
             raise ValueError("prompt must have at least one token")
-        if not self.params.greedy:
-            self.generator = torch.Generator()
-            if self.params.seed is not None:
-                self.generator.manual_seed(self.params.seed)
-            else:
-                self.generator.seed()  # fresh entropy for this generator only, not torch's global one
+        if not self.params.greedy and self.stream_base is None:
+            self.stream_base = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+
+    def noise(self, position: int, vocab: int) -> torch.Tensor:
+        """[vocab] the random draw that picks the token at index `position` of prompt + output
+        (sampler.race): i.i.d. Exp(1) variables from (stream_base, position) alone. Nothing else
+        moves it: not the step, the draft tree, nor a resubmission with the output as prompt."""
+        if self.stream_base is None:
+            raise ValueError("greedy requests draw no noise")
+        if position not in self._noise:
+            for old in [p for p in self._noise if p < self.num_tokens]:
+                del self._noise[old]  # positions already decided
+            generator = torch.Generator().manual_seed(stream_seed(self.stream_base, position))
+            # clamped: an exact 0 would make p / noise infinite (or NaN where p is 0)
+            self._noise[position] = torch.empty(vocab).exponential_(generator=generator).clamp_min_(1e-30)
+        return self._noise[position]
 
     @property
     def token_ids(self) -> list[int]:

@@ -3,14 +3,10 @@
     root ─ a ─ c        tokens  = [root, a, b, c]
          └ b            parents = [  -1, 0, 0, 1]
 
-Nodes are in topological order (a parent before its children). A drafter that samples its
-tokens also records q_i, the distribution each node was drawn from (at its parent, given its
-earlier siblings); verification tries siblings in node order, which must be the draw order.
+Nodes are in topological order (a parent before its children).
 """
 
 from dataclasses import dataclass, field
-
-import torch
 
 from specserve.kernels.tree import check_parents, tree_depths
 
@@ -19,7 +15,6 @@ from specserve.kernels.tree import check_parents, tree_depths
 class DraftTree:
     tokens: list[int]  # [n] token of each node; tokens[0] is the root
     parents: list[int]  # [n] parent node of each node; parents[0] == -1
-    draft_q: torch.Tensor | None = None  # [n, V] q_i of each node's draw (row 0 unused); None = no probabilities
     depths: list[int] = field(init=False)  # [n] distance from the root
 
     def __post_init__(self):
@@ -53,8 +48,7 @@ class DraftTree:
         if keep[:1] != [0] or any(self.parents[i] not in new_index for i in keep[1:]):
             raise ValueError("a selection must keep the root and every kept node's parent")
         parents = [-1] + [new_index[self.parents[i]] for i in keep[1:]]
-        q = None if self.draft_q is None else self.draft_q[keep]
-        return DraftTree([self.tokens[i] for i in keep], parents, q)
+        return DraftTree([self.tokens[i] for i in keep], parents)
 
     def children(self) -> list[list[int]]:
         """children()[i] = the child nodes of node i, in node order."""
@@ -76,8 +70,6 @@ def merge_trees(trees: list[DraftTree], max_nodes: int | None = None) -> DraftTr
     """Union of trees with the same root, as a trie: siblings with the same token become one.
 
     Nodes are taken tree by tree in each tree's order, stopping at max_nodes (root included).
-    Draft probabilities do not survive a merge (the result has draft_q None): a merged tree is
-    verified in the target-only form, which is exact for any tree (verify.py).
     """
     root = trees[0].tokens[0]
     if any(t.tokens[0] != root for t in trees):

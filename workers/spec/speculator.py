@@ -72,7 +72,8 @@ class Speculator:
         if seq.params.greedy:
             acceptance = verify_greedy(tree, logits.argmax(dim=-1).tolist())
         else:
-            acceptance = verify_sampling(tree, lambda node: target_probs(logits[node], seq.params), seq.generator)
+            acceptance = verify_sampling(tree, lambda node: target_probs(logits[node], seq.params),
+                                         lambda depth: seq.noise(seq.num_tokens + depth, logits.shape[-1]))
         self.kv.compact(seq.table, prefix, acceptance.path)
         self.drafter.observe(seq, tree, logits, acceptance)
         self.stats.record(tree, acceptance.path)

@@ -2,25 +2,29 @@
 
 Vocabulary: the *accepted path* runs from the root through draft nodes the target agrees
 with; the *bonus token* is the target's own token after the last accepted node. Both forms
-below are lossless: greedy returns exactly the target's greedy tokens, and sampling returns
-tokens distributed exactly as the target's sampling distribution p (temperature, top-k and
-top-p applied to p before verification).
+below are lossless, and for the same reason: the target decides every token by itself, and
+the tree only settles how many of those decisions one forward makes.
 
-Sampling is recursive rejection over siblings (SpecInfer, arXiv 2305.09781, Algorithm 2;
-recursive rejection sampling, arXiv 2402.14160): at a node with distribution p and children
-x1, x2, ... in order, child xi drawn from q_i (the tree's draft_q row of xi),
-    accept xi with probability min(1, p(xi) / q_i(xi));
-    on rejection p <- norm(max(p - q_i, 0));
-    when every child is rejected, the bonus token is drawn from the residual p.
-q_i is the distribution xi was drawn from *given its earlier siblings*: the same q for i.i.d.
-draws, q without x1..x(i-1) for draws without replacement. This emits exactly p when each xi
-really is a draw from q_i and whether child i exists is settled before xi is drawn (proof in
-model_drafter.py). Every child is tried, repeated tokens too: a token rejected once has p = 0
-and is rejected again, but its residual step still counts for drawn children.
-A drafter without probabilities proposes each child deterministically (q_i = one-hot at xi),
-which reduces to: accept xi with probability p(xi), else zero p(xi) and renormalise. That form
-is exact for any tree however it was chosen: it is sampling from p and looking the token up
-among the children.
+Greedy: the token at each node is the argmax of the target's logits there.
+
+Sampling: the token at each node is race(p, E) = argmax p(t) / E(t) (sampler.py), p the
+target's sampling distribution there (temperature, top-k and top-p applied) and E the
+request's noise for that token's position (Sequence.noise: i.i.d. Exp(1), from the request's
+seed and the position alone). Walk from the root: the target's token at the node, if it is a
+child, is accepted and the walk goes on from it; else it is the bonus token.
+
+Why this is exact, for any tree and any drafter. The tokens a request emits are
+x_j = race(p_j, E_j), p_j the target's distribution after x_<j; a node's logits are computed
+on exactly that context, so the walk emits x_j for as long as x_j is a child, and the next
+step picks up at the same position with the same E_j. E_j is independent of x_<j (a fresh
+draw per position), so P(x_j = t | x_<j) = p_j(t): exactly autoregressive sampling from the
+target. The drafter may see E_j (the model drafter draws its children by racing its own q
+against it, so they are good guesses of x_j) — that cannot bias anything, because the tree
+only decides when a step stops, never which token a position gets. Consequences that tests
+check token for token: a seeded request samples the same tokens with every speculation
+method, tree size and drafter as with none, and after a resubmission (issue 17 found the
+earlier recursive-rejection scheme biased once a drafter pruned by drawn values; issue 18
+needed a resubmitted sample to continue unchanged: both are properties of the race).
 """
 
 from collections.abc import Callable
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specserve.workers.engine.sampler import race
 from specserve.workers.spec.draft_tree import DraftTree
 
 
@@ -44,53 +49,26 @@ class Acceptance:
 
 def verify_greedy(tree: DraftTree, target_argmax: list[int]) -> Acceptance:
     """target_argmax[i] = argmax of the target's logits at node i (its next-token choice)."""
-    children = tree.children()
-    node, path = 0, [0]
-    while True:
-        want = target_argmax[node]
-        match = next((c for c in children[node] if tree.tokens[c] == want), None)
-        if match is None:
-            break
-        node = match
-        path.append(node)
-    return Acceptance(path, [tree.tokens[n] for n in path[1:]] + [target_argmax[node]])
+    return walk(tree, target_argmax.__getitem__)
 
 
 def verify_sampling(
     tree: DraftTree,
     target_p: Callable[[int], torch.Tensor],  # node -> p [V] at that node (float32, sums to 1)
-    generator: torch.Generator,
+    noise: Callable[[int], torch.Tensor],  # depth d -> [V] the noise of the token d places past the root's
 ) -> Acceptance:
-    """Recursive rejection sampling down the tree; p is asked for only at visited nodes."""
+    """The target's sampled token at each visited node; p is asked for only at those nodes."""
+    return walk(tree, lambda node: race(target_p(node), noise(tree.depths[node])))
+
+
+def walk(tree: DraftTree, target_token: Callable[[int], int]) -> Acceptance:
+    """Follows the target's token at each node down the tree while it is a child."""
     children = tree.children()
     node, path = 0, [0]
     while True:
-        p = target_p(node)  # [V]
-        accepted = None
-        for child in children[node]:
-            x = tree.tokens[child]
-            q = None if tree.draft_q is None else tree.draft_q[child].float()  # [V] q_i; None: one-hot at x
-            q_x = 1.0 if q is None else float(q[x])
-            u = float(torch.rand((), generator=generator))
-            if q_x > 0 and u * q_x < float(p[x]):  # u < p(x) / q(x), without dividing by zero
-                accepted = child
-                break
-            p = _residual(p, x, q)
-        if accepted is None:
-            bonus = int(torch.multinomial(p, 1, generator=generator))
-            return Acceptance(path, [tree.tokens[n] for n in path[1:]] + [bonus])
-        node = accepted
+        want = target_token(node)
+        match = next((c for c in children[node] if tree.tokens[c] == want), None)
+        if match is None:
+            return Acceptance(path, [tree.tokens[n] for n in path[1:]] + [want])
+        node = match
         path.append(node)
-
-
-def _residual(p: torch.Tensor, x: int, q: torch.Tensor | None) -> torch.Tensor:
-    """norm(max(p - q, 0)) after x ~ q was rejected; q None: one-hot at x, so p without x."""
-    if q is None:
-        rest = p.clone()
-        rest[x] = 0.0
-    else:
-        rest = (p - q).clamp(min=0.0)
-    total = float(rest.sum())
-    # Never empty in exact arithmetic: a rejection needs p(x) < q(x), so p has mass where q has
-    # less. Rounding can reject when p == q; p then stays as it was.
-    return rest / total if total > 0 else p
