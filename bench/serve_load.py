@@ -3,7 +3,8 @@
 Per concurrency level, `concurrency` client threads share a list of requests (each takes the
 next when its last one ends) with speculation off (request spec.method "none") and on (the
 server's default), side by side on the same server: aggregate tokens/s, TTFT and inter-token
-latency p50/p99. Without --server, a server is started in this process on free loopback ports.
+latency p50/p99. Without --server, a server is started in a child process (server_process.py: never
+in the clients' process, whose GIL it would share) on free loopback ports.
 
 `api` picks the front door: gRPC (specserve's client) or the OpenAI HTTP API (the official
 `openai` client, chat completions streamed with the `return_token_ids` extension so tokens per
@@ -26,6 +27,7 @@ from specserve.workers.model.loader import LoadOptions
 
 from specserve.bench.harness import BenchConfig
 from specserve.bench.prompt_sets import sharegpt_prompts
+from specserve.bench.server_process import ServerProcess, ServerSpec
 
 MODES = ("off", "on")  # speculation per request: "none" vs the server's default
 
@@ -133,34 +135,30 @@ class ServeBenchConfig(BenchConfig):
 def run_serve_bench(config: ServeBenchConfig) -> dict:
     levels = list(config.concurrency)
     prompts = sharegpt_prompts(max(config.requests_per_level, 2 * max(levels)), config.seed)
-    server = None
-    targets = {config.apis[0]: config.server}
-    if config.server is None:
-        server, targets = _start_server(config)
-    try:
-        with contextlib.ExitStack() as stack:
-            opened = {api: stack.enter_context(_connect(api, targets[api])) for api in config.apis}
-            served = next(iter(opened.values()))[1]
-            print(f"{served.model} over {', '.join(a.value for a in config.apis)}: speculation "
-                  f"'{served.spec_method}' vs none; levels {levels}, {config.max_new_tokens} tokens per request, "
-                  f"ShareGPT seed {config.seed}")
-            for stream, _ in opened.values():  # warm-up: the first request of each pays one-time costs
-                list(stream({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
-                             "ignore_eos": False}, ""))
-            results = []
-            for i, c in enumerate(levels):
-                n = max(config.requests_per_level, 2 * c)
-                requests = [{"messages": list(p.messages), "max_tokens": config.max_new_tokens, "ignore_eos": True}
-                            for p in prompts[:n]]
-                for j, api in enumerate(config.apis if i % 2 == 0 else reversed(config.apis)):  # alternate who goes first
-                    for mode in MODES if (i + j) % 2 == 0 else reversed(MODES):
-                        # A salt per level, API and mode: no side finds the prompts another side cached.
-                        salted = [{**r, "cache_salt": f"bench-{c}-{api.value}-{mode}"} for r in requests]
-                        results.append(run_level(api, opened[api][0], salted, c, mode))
-                        print(_row(results[-1]), flush=True)
-    finally:
-        if server is not None:
-            server.stop()
+    with contextlib.ExitStack() as stack:
+        targets = {config.apis[0]: config.server}
+        if config.server is None:  # a server of our own, in its own process (server_process.py)
+            grpc_port, http_port = stack.enter_context(ServerProcess(_server_spec(config)))
+            targets = {Api.GRPC: f"127.0.0.1:{grpc_port}", Api.OPENAI: f"127.0.0.1:{http_port}"}
+        opened = {api: stack.enter_context(_connect(api, targets[api])) for api in config.apis}
+        served = next(iter(opened.values()))[1]
+        print(f"{served.model} over {', '.join(a.value for a in config.apis)}: speculation "
+              f"'{served.spec_method}' vs none; levels {levels}, {config.max_new_tokens} tokens per request, "
+              f"ShareGPT seed {config.seed}")
+        for stream, _ in opened.values():  # warm-up: the first request of each pays one-time costs
+            list(stream({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
+                         "ignore_eos": False}, ""))
+        results = []
+        for i, c in enumerate(levels):
+            n = max(config.requests_per_level, 2 * c)
+            requests = [{"messages": list(p.messages), "max_tokens": config.max_new_tokens, "ignore_eos": True}
+                        for p in prompts[:n]]
+            for j, api in enumerate(config.apis if i % 2 == 0 else reversed(config.apis)):  # alternate who goes first
+                for mode in MODES if (i + j) % 2 == 0 else reversed(MODES):
+                    # A salt per level, API and mode: no side finds the prompts another side cached.
+                    salted = [{**r, "cache_salt": f"bench-{c}-{api.value}-{mode}"} for r in requests]
+                    results.append(run_level(api, opened[api][0], salted, c, mode))
+                    print(_row(results[-1]), flush=True)
     report = _report(results, levels, served, config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,17 +194,12 @@ def _connect(api: Api, target: str) -> Iterator[tuple[Stream, Served]]:
         yield stream, Served(model, "the server's default")
 
 
-def _start_server(config: ServeBenchConfig):
-    from specserve.scheduler.server.grpc_server import ServerConfig, ServerThread
-    from specserve.workers.model.loader import load_engine
+def _server_spec(config: ServeBenchConfig) -> ServerSpec:
     from specserve.workers.spec.methods import SpecConfig, default_method
 
     spec = SpecConfig(default_method(None), config.spec_tokens)  # speculation as `specserve serve` defaults it
-    options = replace(config.load, config=replace(config.load.config, spec=spec))
-    server = ServerThread(ServerConfig(port=0, metrics_port=None, max_queued=max(64, 4 * config.requests_per_level),
-                                       http_port=0 if Api.OPENAI in config.apis else None))
-    server.attach(load_engine(config.model, options), config.model)
-    return server, {Api.GRPC: f"127.0.0.1:{server.port}", Api.OPENAI: f"127.0.0.1:{server.http_port}"}
+    return ServerSpec(config.model, replace(config.load, config=replace(config.load.config, spec=spec)),
+                      max_queued=max(64, 4 * config.requests_per_level), http=Api.OPENAI in config.apis)
 
 
 def _row(r: LevelResult) -> str:

@@ -1,11 +1,12 @@
-"""The engine and spec benchmarks run end to end on the tiny model (one prompt per category, a
-few tokens): a suite that cannot start is found here, not when someone needs its numbers."""
+"""The engine, spec and serve benchmarks run end to end on the tiny model (one prompt per category,
+a few tokens): a suite that cannot start is found here, not when someone needs its numbers."""
 
 import json
 
 import pytest
 
 from specserve.bench.engine_vs_hf import EngineBenchConfig, run_engine_bench
+from specserve.bench.serve_load import Api, ServeBenchConfig, run_serve_bench
 from specserve.bench.spec_vs_hf import SpecBenchConfig, run_spec_bench
 from specserve.workers.model.loader import LoadOptions
 
@@ -32,3 +33,14 @@ def test_spec_bench_runs_every_drafter_token_identical(tiny_chat_folder, tmp_pat
     assert set(report["contenders"]) == {"hf-generate", "hf-prompt-lookup", "none", "ngram", "suffix"}
     assert all(row["mismatches"] == [] for row in report["contenders"].values())
     assert (tmp_path / "spec_vs_hf.json").exists()
+
+
+def test_serve_bench_loads_a_server_in_its_own_process_over_both_apis(tiny_chat_folder, tmp_path):
+    report = run_serve_bench(ServeBenchConfig(model=tiny_chat_folder, concurrency=(1, 2), requests_per_level=2,
+                                              max_new_tokens=4, out=tmp_path, apis=(Api.GRPC, Api.OPENAI),
+                                              load=LoadOptions(threads=1, progress=False)))
+    assert len(report["levels"]) == 2 * 2 * 2  # levels x apis x spec on/off
+    sent = {1: 2, 2: 4}  # at least twice the concurrency
+    assert all(row["requests"] == sent[row["concurrency"]] and row["tokens"] == 4 * row["requests"]
+               for row in report["levels"])
+    assert set(report["statistics"]["openai_over_grpc_tokens_per_s"]) == {1, 2}
