@@ -57,6 +57,7 @@ class LevelResult:
     wall_s: float = 0.0
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)  # per token: chunk gap / tokens in the chunk
+    server_cpu_s: float | None = None  # CPU time the server process used meanwhile (a server of our own)
 
     @property
     def tokens_per_s(self) -> float:
@@ -66,7 +67,8 @@ class LevelResult:
         return {"api": self.api.value, "concurrency": self.concurrency, "spec": self.mode, "requests": self.requests,
                 "tokens": self.tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
                 "ttft_p50_s": percentile(self.ttft_s, 50), "ttft_p99_s": percentile(self.ttft_s, 99),
-                "itl_p50_s": percentile(self.itl_s, 50), "itl_p99_s": percentile(self.itl_s, 99)}
+                "itl_p50_s": percentile(self.itl_s, 50), "itl_p99_s": percentile(self.itl_s, 99),
+                "server_cpu_ms_per_token": None if self.server_cpu_s is None else 1e3 * self.server_cpu_s / self.tokens}
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -76,7 +78,10 @@ def percentile(xs: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def run_level(api: Api, stream: Stream, requests: list[dict], concurrency: int, mode: str) -> LevelResult:
+def run_level(api: Api, stream: Stream, requests: list[dict], concurrency: int, mode: str,
+              server_cpu: Callable[[], float] | None = None) -> LevelResult:
+    """server_cpu: the server process's CPU seconds so far (its use during the level is reported:
+    unlike wall time, what the front door costs the server does not vary with other load)."""
     result, lock, todo = LevelResult(api, concurrency, mode), threading.Lock(), list(reversed(requests))
 
     def worker():
@@ -102,12 +107,15 @@ def run_level(api: Api, stream: Stream, requests: list[dict], concurrency: int, 
                 result.itl_s += itl
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    cpu_start = server_cpu() if server_cpu else None
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     result.wall_s = time.perf_counter() - start
+    if server_cpu:
+        result.server_cpu_s = server_cpu() - cpu_start
     return result
 
 
@@ -136,10 +144,11 @@ def run_serve_bench(config: ServeBenchConfig) -> dict:
     levels = list(config.concurrency)
     prompts = sharegpt_prompts(max(config.requests_per_level, 2 * max(levels)), config.seed)
     with contextlib.ExitStack() as stack:
-        targets = {config.apis[0]: config.server}
+        targets, server_cpu = {config.apis[0]: config.server}, None
         if config.server is None:  # a server of our own, in its own process (server_process.py)
-            grpc_port, http_port = stack.enter_context(ServerProcess(_server_spec(config)))
-            targets = {Api.GRPC: f"127.0.0.1:{grpc_port}", Api.OPENAI: f"127.0.0.1:{http_port}"}
+            server = stack.enter_context(ServerProcess(_server_spec(config)))
+            targets = {Api.GRPC: f"127.0.0.1:{server.grpc_port}", Api.OPENAI: f"127.0.0.1:{server.http_port}"}
+            server_cpu = server.cpu_seconds
         opened = {api: stack.enter_context(_connect(api, targets[api])) for api in config.apis}
         served = next(iter(opened.values()))[1]
         print(f"{served.model} over {', '.join(a.value for a in config.apis)}: speculation "
@@ -157,7 +166,7 @@ def run_serve_bench(config: ServeBenchConfig) -> dict:
                 for mode in MODES if (i + j) % 2 == 0 else reversed(MODES):
                     # A salt per level, API and mode: no side finds the prompts another side cached.
                     salted = [{**r, "cache_salt": f"bench-{c}-{api.value}-{mode}"} for r in requests]
-                    results.append(run_level(api, opened[api][0], salted, c, mode))
+                    results.append(run_level(api, opened[api][0], salted, c, mode, server_cpu))
                     print(_row(results[-1]), flush=True)
     report = _report(results, levels, served, config)
     out = Path(config.out)
@@ -227,6 +236,13 @@ def _report(results: list[LevelResult], levels: list[int], served: Served, confi
         checks["openai_over_grpc_tokens_per_s"] = ratio
         print("tokens/s openai / grpc: " + ", ".join(f"c={c} spec {m} {v:.3f}" for c, r in ratio.items()
                                                     for m, v in r.items()) + " (target >= 0.95)")
+        cpu = {key: row["server_cpu_ms_per_token"] for row in (r.summary() for r in results)
+               if (key := (row["api"], row["concurrency"], row["spec"])) and row["server_cpu_ms_per_token"]}
+        if cpu:
+            extra = {c: {m: cpu[Api.OPENAI.value, c, m] / cpu[Api.GRPC.value, c, m] for m in MODES} for c in levels}
+            checks["openai_over_grpc_server_cpu_per_token"] = extra
+            print("server CPU per token openai / grpc: " + ", ".join(
+                f"c={c} spec {m} {v:.3f}" for c, r in extra.items() for m, v in r.items()))
     return {"suite": "serve", "model": served.model, "spec_method": served.spec_method,
             "apis": [a.value for a in config.apis], "max_new_tokens": config.max_new_tokens, "seed": config.seed,
             "statistics": checks, "levels": [r.summary() for r in results]}

@@ -44,16 +44,19 @@ def _serve(spec: ServerSpec, conn) -> None:
 
 
 class ServerProcess:
-    """`with ServerProcess(spec) as (grpc_port, http_port):` a server in a child process."""
+    """`with ServerProcess(spec) as server:` a server in a child process, on server.grpc_port
+    (and server.http_port)."""
 
     def __init__(self, spec: ServerSpec):
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_serve, args=(spec, child), name="specserve-bench-server", daemon=True)
         self._process.start()
         child.close()
 
-    def __enter__(self) -> tuple[int, int | None]:
+    def __enter__(self) -> "ServerProcess":
         if not self._conn.poll(START_TIMEOUT_S):
             self.stop()
             raise RuntimeError(f"the benchmark's server did not start in {START_TIMEOUT_S:.0f} s")
@@ -65,7 +68,15 @@ class ServerProcess:
         if reply[0] == "error":
             self.stop()
             raise RuntimeError(f"the benchmark's server failed to start: {reply[1]}")
-        return reply[1], reply[2]
+        self.grpc_port, self.http_port = reply[1], reply[2]
+        return self
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (all its threads)."""
+        import psutil
+
+        times = psutil.Process(self._process.pid).cpu_times()
+        return times.user + times.system
 
     def __exit__(self, *exc) -> None:
         self.stop()
