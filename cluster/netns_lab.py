@@ -13,7 +13,8 @@ creating process, <lab>: its count of labs), so a later lab removes what a crash
 (its pid no longer alive).
 
 Faults: `Host.disconnect()` pulls the host's cable (its switch port goes down; packets to and
-from it are lost without any reset or unreachable, like a real partition); `Host.set_netem`
+from it are lost without any reset or unreachable, like a real partition); `Host.kill_all()`
+kills every process in its namespace (with disconnect: the host is lost); `Host.set_netem`
 adds delay and loss on the host's interface (`tc netem`; NetemUnavailableError where the
 kernel has no sch_netem). `teardown()` kills every process in the lab's namespaces and deletes
 them, which removes the veths and the bridge; it is safe to call twice and after a failed build.
@@ -80,8 +81,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _kill_namespace(ns: str) -> None:
-    """SIGKILLs every process in ns, waits until none is left, deletes ns."""
+def _kill_processes(ns: str) -> None:
+    """SIGKILLs every process in ns and waits until none is left."""
     deadline = time.monotonic() + KILL_WAIT_S
     while pids := _netns_pids(ns):
         for pid in pids:
@@ -92,6 +93,11 @@ def _kill_namespace(ns: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes {pids} in namespace {ns} survived SIGKILL for {KILL_WAIT_S:.0f}s")
         time.sleep(0.02)  # poll interval
+
+
+def _kill_namespace(ns: str) -> None:
+    """SIGKILLs every process in ns, waits until none is left, deletes ns."""
+    _kill_processes(ns)
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
@@ -172,6 +178,13 @@ class Host:
     def clear_netem(self) -> None:
         subprocess.run(["ip", "netns", "exec", self.netns, "tc", "qdisc", "del", "dev", IFACE, "root"],
                        capture_output=True)
+
+    def kill_all(self) -> None:
+        """SIGKILLs every process in the host's namespace, whoever started it (the host lost power)."""
+        _kill_processes(self.netns)
+        for proc in self.procs:
+            proc.wait()
+        self.procs.clear()
 
     def stop_processes(self) -> None:
         """SIGKILLs and reaps the processes this object started."""

@@ -111,12 +111,12 @@ class ActorPool:
 
     # ---- verify replicas (on the backend's event loop) --------------------------------------------
 
-    async def answers(self, replica: VerifyReplica) -> bool:
-        """Whether the replica answers, waiting (up to ready_timeout_s) while Ray restarts it;
-        one that does not is marked lost."""
+    async def answers(self, replica: VerifyReplica, within_s: float | None = None) -> bool:
+        """Whether the replica answers, waiting (up to within_s, default ready_timeout_s) while Ray
+        restarts it; one that does not is marked lost."""
         from ray.exceptions import ActorUnavailableError
 
-        deadline = time.monotonic() + self.config.ready_timeout_s
+        deadline = time.monotonic() + (self.config.ready_timeout_s if within_s is None else within_s)
         while time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(replica.handle.ping.remote(), deadline - time.monotonic())

@@ -23,6 +23,7 @@ from specserve.scheduler.ray.remote_request import RemoteRequest, WorkerLost
 
 log = logging.getLogger("specserve.request_driver")
 MAX_UNSTARTED_RETRIES = 10  # submissions to a worker that was restarting, per request
+RESTART_GRACE_S = 3.0  # how long a lost replica may take to answer again while another one can take its requests
 
 
 class RequestDriver:
@@ -122,8 +123,11 @@ class RequestDriver:
 
     async def _replacement(self, lost: VerifyReplica) -> VerifyReplica:
         """The replica to resubmit to: the lost one once Ray restarted it, else the least loaded
-        other live one, else the lost one with a new actor."""
-        if await self._pool.answers(lost):
+        other live one, else the lost one with a new actor. While another replica is alive the
+        lost one gets only RESTART_GRACE_S to come back (a replica whose host is gone, with no
+        other node offering verify, would pend for the whole ready timeout)."""
+        alive = any(r is not lost and r.alive for r in self._pool.replicas)
+        if await self._pool.answers(lost, RESTART_GRACE_S if alive else None):
             return lost
         others = [r for r in self._pool.replicas if r is not lost and r.alive]
         if others:

@@ -76,3 +76,4 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 from .ray_cluster_fixture import ray_cluster  # noqa: E402,F401 - the shared multi-node Ray cluster
 from .netns_fixture import head_driver, lab_model_folder, lab_redis, netns_lab  # noqa: E402,F401 - the namespace lab
+from .netns_ray_cluster import lab_cluster  # noqa: E402,F401 - a Ray cluster on the namespace lab

@@ -31,15 +31,13 @@ import pytest
 
 from specserve.scheduler.client import Client
 
+from tests.helpers.start_node import START_NODE, wait_started
 from tests.helpers.tiny_folder import save_tiny_model
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-START_NODE = REPO / "deploy" / "start-node.sh"
 VENV_BIN = Path(sys.executable).parent
 ROLES = ("prefill", "draft", "verify")
-RAY_START_TIMEOUT_S = 180.0
 SERVING_TIMEOUT_S = 300.0
 GENERATE_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0  # the server's drain
@@ -119,12 +117,7 @@ class LocalCluster:
         return proc
 
     def wait_started(self, proc: subprocess.Popen, role: str) -> None:
-        try:
-            rc = proc.wait(timeout=RAY_START_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"start-node.sh ({role}) still running after {RAY_START_TIMEOUT_S:.0f}s:\n"
-                        f"{self.log('start-' + role)}", pytrace=False)
-        assert rc == 0, f"start-node.sh ({role}) exited {rc}:\n{self.log('start-' + role)}"
+        wait_started(proc, role, lambda: self.log("start-" + role))
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"

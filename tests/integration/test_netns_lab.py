@@ -77,6 +77,20 @@ def test_teardown_kills_the_processes_and_removes_every_namespace():
     assert not (set(lab.namespaces()) & namespaces())
 
 
+def test_kill_all_kills_every_process_of_the_host_and_only_of_it(netns_lab):
+    host, other = netns_lab["prefill"], netns_lab["draft"]
+    started = host.popen(["sleep", "600"])
+    stray = int(host.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True).stdout)
+    bystander = other.popen(["sleep", "600"])
+    try:
+        host.kill_all()
+        assert started.returncode is not None and not running(stray)  # also what the lab did not start
+        assert bystander.poll() is None
+        assert probe(netns_lab, "head", "prefill") == "refused"  # the host itself is still there
+    finally:
+        other.stop_processes()
+
+
 def test_a_crashed_labs_namespaces_are_removed():
     require_lab()
     dead = subprocess.Popen(["true"])

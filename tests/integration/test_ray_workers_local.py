@@ -2,6 +2,7 @@
 protocol and fault handling against a fake DraftWorker, the prefill worker's K/V handed into an
 engine, and the `specserve serve` Ray flags."""
 
+import asyncio
 import concurrent.futures
 
 import pytest
@@ -12,6 +13,7 @@ from specserve.scheduler.cli.main import build_parser
 from specserve.scheduler.ray.actor_pool import VerifyReplica
 from specserve.scheduler.ray.remote_loop import RemoteEngineLoop
 from specserve.scheduler.ray.remote_request import RemoteRequest
+from specserve.scheduler.ray.request_driver import RESTART_GRACE_S, RequestDriver
 from specserve.scheduler.cli.serve import ray_serve_options
 from specserve.workers.actors.messages import StreamChunk
 from specserve.workers.engine.engine_loop import LoopStoppedError, QueueFullError
@@ -59,7 +61,12 @@ class FakeDraftWorker:
     def __init__(self):
         self.syncs, self.known, self.released = [], set(), []
         self.broken = False
-        self.propose, self.release = _Call(self._propose), _Call(self.released.extend)
+        self.propose, self.release, self.ping = _Call(self._propose), _Call(self.released.extend), _Call(self._ping)
+
+    def _ping(self):
+        if self.broken:
+            raise ConnectionError("draft node gone")
+        return True
 
     def _propose(self, syncs):
         if self.broken:
@@ -78,7 +85,7 @@ class FakeDraftWorker:
 
 def test_remote_drafter_sends_a_sequence_once_then_diffs_and_recovers_from_a_lost_or_dead_worker():
     worker = FakeDraftWorker()
-    drafter = RemoteDrafter(worker, get=lambda value, timeout: value)
+    drafter = RemoteDrafter(worker, get=lambda value, timeout: value, ready=lambda value: True, probe_interval_s=0)
     seq = Sequence([5, 6, 7], SamplingParams())
     assert drafter.propose(seq, 8).tokens == [7, 8, 9]
     assert worker.syncs[-1][0].full and worker.syncs[-1][0].new_tokens == [5, 6, 7]
@@ -91,9 +98,12 @@ def test_remote_drafter_sends_a_sequence_once_then_diffs_and_recovers_from_a_los
     assert worker.syncs[-1][0].full and worker.syncs[-1][0].new_tokens == [5, 6, 7, 8, 9]
     worker.broken = True  # dead or slow: no speculation, never an error
     assert drafter.propose(seq, 8).tokens == [9] and drafter.failures == 1
+    calls = len(worker.syncs)
+    assert drafter.propose(seq, 8).tokens == [9]  # not called while down: its ping failed
+    assert len(worker.syncs) == calls and drafter.failures == 1
     worker.broken = False
-    drafter.propose(seq, 8)
-    assert worker.syncs[-1][0].full
+    drafter.propose(seq, 8)  # the ping answered: called again
+    assert len(worker.syncs) == calls + 1 and worker.syncs[-1][0].full
     drafter.release(seq)
     assert worker.released == [seq.request_id]
 
@@ -205,3 +215,28 @@ def test_a_resubmitted_request_keeps_every_token_and_sums_its_counters():
     req.deliver(out)
     req.finish(FinishReason.ABORT)  # after the last output: nothing more
     assert delivered == [out]
+
+
+class FakePool:
+    """ActorPool's answers / revive as the driver sees them: the lost replica never answers."""
+
+    def __init__(self, replicas: list[VerifyReplica]):
+        self.replicas, self.asked = replicas, []
+
+    async def answers(self, replica: VerifyReplica, within_s: float | None = None) -> bool:
+        self.asked.append((replica.index, within_s))
+        return False
+
+    async def revive(self, replica: VerifyReplica) -> VerifyReplica:
+        return replica
+
+
+def test_a_lost_replica_gets_a_short_grace_while_another_can_take_its_requests():
+    lost, other = VerifyReplica(0, None, max_queued=1), VerifyReplica(1, None, max_queued=1)
+    pool = FakePool([lost, other])
+    driver = RequestDriver(asyncio.new_event_loop(), pool, None, stall_timeout_s=60, max_resubmits=3)
+    assert asyncio.run(driver._replacement(lost)) is other
+    assert pool.asked == [(0, RESTART_GRACE_S)]  # not the whole ready timeout
+    other.alive = False  # no one else: wait for the lost one as long as it takes, then a new actor
+    assert asyncio.run(driver._replacement(lost)) is lost
+    assert pool.asked[-1] == (0, None)

@@ -7,6 +7,11 @@ the next step.
 
 Faults never change output, only speed: a failed, slow (past `timeout_s`) or dead draft worker
 means a root-only tree (no speculation this step), and every sequence is sent in full next time.
+After a failed call the worker is not called again until it answers a ping, which is sent in
+the background (at most every `probe_interval_s`) and checked without waiting: a worker that Ray
+cannot restart (its host lost, no other node offers `draft`) answers every call only after a
+delay (measured: ~2 s per step, ActorUnavailableError "restarting"), which would otherwise be
+paid by every step for as long as it is away.
 """
 
 import logging
@@ -18,16 +23,22 @@ from specserve.workers.spec.draft_tree import DraftTree
 from specserve.workers.spec.drafter import Drafter
 
 log = logging.getLogger("specserve.remote_drafter")
+PROBE_INTERVAL_S = 1.0  # after a failed call: the least time between pings asking whether the worker is back
 
 
 class RemoteDrafter(Drafter):
     name = "model"
 
-    def __init__(self, worker, timeout_s: float = 30.0, get=None):
+    def __init__(self, worker, timeout_s: float = 30.0, get=None, ready=None,
+                 probe_interval_s: float = PROBE_INTERVAL_S):
         """worker: a DraftWorker actor handle; get(ref, timeout=) resolves what its methods'
-        .remote() return (default ray.get; tests pass a plain object and an identity)."""
-        self.worker, self.timeout_s = worker, timeout_s
-        self._get = get or _ray_get
+        .remote() return, ready(ref) says without waiting whether it can (default ray.get and
+        ray.wait; tests pass a plain object, an identity and always-True)."""
+        self.worker, self.timeout_s, self.probe_interval_s = worker, timeout_s, probe_interval_s
+        self._get, self._ready = get or _ray_get, ready or _ray_ready
+        self._down = False  # a call failed and no ping was answered since
+        self._probe = None  # the ping in flight while down
+        self._probe_sent = 0.0  # when it was sent (time.monotonic())
         self._sent: dict[str, int] = {}  # request id -> tokens the worker holds for it
         self._prefix: dict[str, list] = {}  # request id -> [ObjectRef of PrefixKV] not yet sent
         self._seen: set[str] = set()  # request ids ever sent: the worker may hold state for them
@@ -43,6 +54,8 @@ class RemoteDrafter(Drafter):
         return self.propose_many([seq], [max_nodes])[0]
 
     def propose_many(self, seqs: list[Sequence], max_nodes: list[int]) -> list[DraftTree]:
+        if self._down and not self._back():
+            return [DraftTree.root_only(seq.token_ids[-1]) for seq in seqs]
         syncs = [self._sync(seq, n) for seq, n in zip(seqs, max_nodes)]
         self._seen.update(seq.request_id for seq in seqs)
         start = time.perf_counter()
@@ -51,6 +64,7 @@ class RemoteDrafter(Drafter):
         except Exception as e:  # noqa: BLE001 - dead, restarting or slow: no draft this step
             self.failures += 1
             self._sent.clear()
+            self._down, self._probe, self._probe_sent = True, None, 0.0
             log.warning("draft worker call failed (%s: %s); this step runs without speculation", type(e).__name__, e)
             return [DraftTree.root_only(seq.token_ids[-1]) for seq in seqs]
         finally:
@@ -67,6 +81,26 @@ class RemoteDrafter(Drafter):
                     self._prefix.pop(seq.request_id, None)
                 trees.append(tree)
         return trees
+
+    def _back(self) -> bool:
+        """Whether the worker answered a ping since it failed. Never waits: sends a ping when none
+        is in flight (at most every probe_interval_s) and looks whether the one in flight answered."""
+        if self._probe is None and time.monotonic() - self._probe_sent >= self.probe_interval_s:
+            self._probe_sent = time.monotonic()
+            try:
+                self._probe = self.worker.ping.remote()
+            except Exception:  # noqa: BLE001 - could not even be sent: ask again later
+                return False
+        if self._probe is None or not self._ready(self._probe):
+            return False
+        probe, self._probe = self._probe, None
+        try:
+            self._get(probe, timeout=self.timeout_s)  # it has a result: returns or raises at once
+        except Exception:  # noqa: BLE001 - still restarting, or dead: ask again later
+            return False
+        self._down = False
+        log.warning("draft worker answers again; speculation resumes")
+        return True
 
     def _sync(self, seq: Sequence, max_nodes: int) -> DraftSync:
         held = self._sent.get(seq.request_id)
@@ -90,3 +124,10 @@ def _ray_get(ref, timeout: float):
     import ray
 
     return ray.get(ref, timeout=timeout)
+
+
+def _ray_ready(ref) -> bool:
+    import ray
+
+    done, _ = ray.wait([ref], timeout=0)
+    return bool(done)
