@@ -89,6 +89,7 @@ def test_first_tokens_over_grpc_follow_the_target(folders, expected, method):
     if method != "none":
         assert drafted > SAMPLES // 2 and accepted > 0, (drafted, accepted)  # the drafter really ran
     p_value = chi_square_p_value(counts, expected, SAMPLES)
+    print(f"{method}: N = {SAMPLES}, p = {p_value:.3g}, drafted {drafted}, accepted {accepted}")  # pytest -s
     assert p_value >= ALPHA, f"{method}: p = {p_value:.2e}, drafted {drafted}, accepted {accepted}"
 
 
@@ -98,4 +99,5 @@ def test_a_broken_verifier_fails_over_grpc(folders, expected, method, monkeypatc
     counts, drafted, accepted = sample_over_grpc(folders, method)
     assert accepted > SAMPLES // 2, (drafted, accepted)  # the broken verifier was used
     p_value = chi_square_p_value(counts, expected, SAMPLES)
+    print(f"broken verifier, {method}: N = {SAMPLES}, p = {p_value:.3g}")  # pytest -s
     assert p_value < BROKEN_P, f"{method}: p = {p_value:.2e} with a broken verifier"
