@@ -63,8 +63,9 @@ class ServerProcess:
         try:
             reply = self._conn.recv()
         except EOFError:
-            raise RuntimeError(f"the benchmark's server exited while starting (exit code {self._process.exitcode})") \
-                from None
+            self._process.join(10)
+            raise RuntimeError(f"the benchmark's server exited while starting (exit code {self._process.exitcode}; "
+                               "a script that starts it needs an `if __name__ == '__main__':` guard)") from None
         if reply[0] == "error":
             self.stop()
             raise RuntimeError(f"the benchmark's server failed to start: {reply[1]}")
