@@ -50,4 +50,15 @@ if ! command -v ip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     "${SUDO[@]}" apt-get install -y -qq iproute2 >/dev/null
 fi
 
+# sshd and rsync: tests/integration/test_netns_ray_up.py runs `ray up deploy/cluster.yaml` against
+# lab hosts that each run their own sshd; Ray's file_mounts go over rsync.
+if { [[ ! -x /usr/sbin/sshd ]] || ! command -v rsync >/dev/null 2>&1; } && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing openssh-server and rsync (apt)"
+    SUDO=()
+    if [[ $EUID -ne 0 ]] && command -v sudo >/dev/null 2>&1; then SUDO=(sudo); fi
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" apt-get install -y -qq openssh-server rsync >/dev/null
+fi
+
 echo "==> setup done"

@@ -26,6 +26,8 @@
 #   SPECSERVE_HEAD_ADDRESS   worker: the head's GCS HOST:PORT (default $RAY_HEAD_IP:$SPECSERVE_RAY_PORT)
 #   SPECSERVE_RAY_PORT       head GCS port (default 6379)
 #   SPECSERVE_RAY_ARGS       extra `ray start` arguments (word-split; no quoting)
+#   SPECSERVE_RAY_HEAD_ARGS  head: more `ray start` arguments (head-only flags: --include-dashboard=false)
+#   SPECSERVE_AUTOSCALING_CONFIG  head: the autoscaler's config (`ray up`: ~/ray_bootstrap_config.yaml)
 #   SPECSERVE_HOST / SPECSERVE_PORT / SPECSERVE_HTTP_PORT / SPECSERVE_METRICS_PORT
 #                            serve listen address and ports: gRPC, OpenAI HTTP API, Prometheus
 #                            (0.0.0.0 / 50051 / 8000 / 9464; `--no-http` in SPECSERVE_SERVE_ARGS: no HTTP)
@@ -148,6 +150,9 @@ ray_command() {
     # shellcheck disable=SC2206
     local extra=(${SPECSERVE_RAY_ARGS:-})
     if ((IS_HEAD)); then
+        # shellcheck disable=SC2206
+        extra+=(${SPECSERVE_RAY_HEAD_ARGS:-})
+        [[ -n ${SPECSERVE_AUTOSCALING_CONFIG:-} ]] && extra+=(--autoscaling-config="$SPECSERVE_AUTOSCALING_CONFIG")
         RAY_CMD=(ray start --head --port="${SPECSERVE_RAY_PORT:-6379}")
     else
         local head=${SPECSERVE_HEAD_ADDRESS:-}

@@ -125,7 +125,7 @@ def test_ray_config_installs_specserve_and_starts_nodes_with_start_node_sh(path)
     assert config["file_mounts"]["~/specserve"] == "." and {".venv", ".venv-loadtool"} <= set(config["rsync_exclude"])
     head_start = " ".join(config["head_start_ray_commands"])
     assert "SPECSERVE_ROLE=head" in head_start and "start-node.sh start" in head_start
-    assert "--autoscaling-config=$HOME/ray_bootstrap_config.yaml" in head_start
+    assert 'SPECSERVE_AUTOSCALING_CONFIG="$HOME/ray_bootstrap_config.yaml"' in head_start
     assert "SPECSERVE_WAIT_FOR_ROLES=prefill,draft,verify" in head_start
     worker_start = config["worker_start_ray_commands"]
     assert worker_start[-1].endswith("bash ~/specserve/deploy/start-node.sh start"), worker_start

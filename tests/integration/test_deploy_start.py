@@ -118,6 +118,18 @@ def test_start_node_starts_the_head_and_its_server(tmp_path):
     assert (tmp_path / "log" / "serve.pid").exists()
 
 
+def test_start_node_gives_the_head_its_own_ray_flags_and_keeps_the_settings_ones(tmp_path):
+    """cluster.yaml passes the autoscaler's config by SPECSERVE_AUTOSCALING_CONFIG: specserve.env's
+    SPECSERVE_RAY_ARGS (every node) and SPECSERVE_RAY_HEAD_ARGS (head-only flags) still apply."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "specserve.env").write_text(
+        'SPECSERVE_RAY_ARGS="--num-cpus=4"\nSPECSERVE_RAY_HEAD_ARGS=--include-dashboard=false\n')
+    result, calls = run_script(tmp_path, {"SPECSERVE_ROLE": "head", "SPECSERVE_AUTOSCALING_CONFIG": "/h/boot.yaml"})
+    assert result.returncode == 0, result.stderr
+    assert calls[0] == ["ray", "start", "--head", "--port=6379", "--num-cpus=4", "--include-dashboard=false",
+                        "--autoscaling-config=/h/boot.yaml"]
+
+
 def test_start_node_starts_a_local_redis_with_a_password_for_the_server(tmp_path):
     if shutil.which("redis-server") is None:
         if os.environ.get("CI"):
