@@ -11,7 +11,7 @@ the cluster launcher and deploy/start-node.sh can tell, and runs an `sshd` on it
               <workdir>/<host>/tmp is /tmp, and /etc/resolv.conf names no reachable server (the lab
               has no DNS: lookups fail at once) (~/ray_bootstrap_config.yaml, ~/.config/specserve,
               /tmp/ray and /tmp/specserve stay in the work folder); everything else is shared,
-              also Python's install when it lies under /root (pyenv)
+              also Python's install, this checkout and its venv where they lie under /root or /tmp
     sshd      /usr/sbin/sshd -D on the host's lab address, with its own host key, pid file and
               config in the work folder, root login with one throwaway key (`client_key`)
 
@@ -40,18 +40,25 @@ PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without it (systemd's u
 ACCEPT_TIMEOUT_S = 30.0
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR")
-# Python's own install (a venv's base), under /root on some machines (pyenv): every host sees it.
-SHARED_UNDER_ROOT = [p.relative_to("/root") for p in [Path(sys.base_prefix).resolve()] if p.is_relative_to("/root")]
+# What every host must still see where it lies under /root or /tmp (which each host replaces):
+# Python's own install (a venv's base; under /root with pyenv), this checkout and its venv (a CI
+# clone may be under /tmp). Outermost paths only: a bind mount carries what lies below it.
+_NEEDED = sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), Path(__file__).resolve().parents[2]})
+SHARED = [p for p in _NEEDED if p.is_relative_to("/root") or p.is_relative_to("/tmp")]
+SHARED = [p for p in SHARED if not any(p != q and p.is_relative_to(q) for q in SHARED)]
 # The lab has no DNS server: lookups must fail at once, not time out (glibc tries AAAA and reverse
 # lookups of names /etc/hosts answers; Ray and ssh make such lookups).
 RESOLV_CONF = "nameserver 127.0.0.1\noptions attempts:1\n"
-# argv: HOME TMP RESOLV [REL...] -- COMMAND...: /root/REL bound into HOME, then HOME is /root, TMP
-# is /tmp, RESOLV is /etc/resolv.conf, then exec COMMAND (run by `unshare --mount`: the mounts stay
-# in that namespace).
+# argv: HOME TMP RESOLV [PATH...] -- COMMAND...: each /root/REL or /tmp/REL PATH bound into HOME/REL
+# or TMP/REL, then HOME is /root, TMP is /tmp, RESOLV is /etc/resolv.conf, then exec COMMAND (run by
+# `unshare --mount`: the mounts stay in that namespace).
 _AS_MACHINE = """
 home=$1 tmp=$2 resolv=$3; shift 3
-while [ "$1" != -- ]; do mkdir -p "$home/$1" && mount --bind "/root/$1" "$home/$1" || exit 1; shift; done; shift
-mount --rbind "$home" /root && mount --bind "$tmp" /tmp && mount --bind "$resolv" /etc/resolv.conf && exec "$@"
+while [ "$1" != -- ]; do
+    case $1 in /root/*) dst=$home/${1#/root/} ;; *) dst=$tmp/${1#/tmp/} ;; esac
+    mkdir -p "$dst" && mount --bind "$1" "$dst" || exit 1; shift
+done; shift
+mount --rbind "$home" /root && mount --rbind "$tmp" /tmp && mount --bind "$resolv" /etc/resolv.conf && exec "$@"
 """
 
 
@@ -75,7 +82,7 @@ def _as_machine(home: Path, tmp: Path, resolv: Path, argv: list[str], new_pids: 
     home is /root, tmp is /tmp and resolv is /etc/resolv.conf."""
     pid_flags = ["--pid", "--fork", "--mount-proc"] if new_pids else []
     return ["unshare", "--mount", *pid_flags, "sh", "-c", _AS_MACHINE, "sh", str(home), str(tmp), str(resolv),
-            *map(str, SHARED_UNDER_ROOT), "--", *argv]
+            *map(str, SHARED), "--", *argv]
 
 
 @dataclass(frozen=True)
