@@ -5,8 +5,8 @@ those tokens and asks for what is left, so nothing is lost or delivered twice; t
 the delivered tokens into its detokenizer, so text held back at the loss (a character split
 across tokens, a possible stop string) is delivered, and a stop string spanning the resubmission
 point still ends the request. A sampled request always has a seed (one is drawn when the caller
-gave none): every attempt draws the same per-position noise (Sequence.noise). The counters of each attempt
-are summed into what the servicer reports; the cache hit is the first attempt's.
+gave none): every attempt draws the same per-position noise (Sequence.noise). The counters of
+each attempt are summed into what the servicer reports; the cache hit is the first attempt's.
 """
 
 import asyncio

@@ -80,7 +80,7 @@ class AcceptanceStats:
     def chances(self, tree: DraftTree) -> list[float]:
         """Each node's estimated chance to be on the accepted path (root: 1), never above
         its parent's or an earlier sibling's: pruning by chance then keeps a tree whose
-        siblings are a prefix of the drafter's order (which sampled drafts need)."""
+        siblings are a prefix of the drafter's order (its best guesses first)."""
         ranks, chance = tree.sibling_ranks(), [1.0] * tree.size
         last_sibling: dict[int, int] = {}
         for i in range(1, tree.size):
