@@ -11,6 +11,7 @@ Prints one JSON line on stdout.
 
 import json
 import os
+import socket
 import sys
 import threading
 import uuid
@@ -33,6 +34,12 @@ from tests.integration.ray_cluster_fixture import Collector, poll
 PROMPT, N = [5, 9, 14, 21, 30, 41], 12
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def registered(name: str) -> bool:
     """Whether the named actor exists (created, maybe still waiting for a node)."""
     try:
@@ -52,7 +59,9 @@ def backend_of(info, folder: str, ready_timeout_s: float) -> tuple[RayBackend, R
 
 def main(folder: str) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # a GCS port of its own: the test session's cluster (ray_cluster_fixture) may hold the default one
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "gcs_server_port": free_port()})
     try:
         info = connect(RayConnectConfig(address=cluster.address))
         result = {"error_without_node": None}

@@ -5,6 +5,7 @@ to offer it. Both run in one other process (tests/helpers/late_roles_program.py)
 joins one Ray cluster, and this session's is taken by ray_cluster_fixture."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ def folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def result(folder) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's cluster
     proc = subprocess.run([sys.executable, "-m", "tests.helpers.late_roles_program", folder],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(lines[-1])
