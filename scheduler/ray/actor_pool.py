@@ -67,6 +67,7 @@ class ActorPool:
             infos = ray.get([h.ready.remote() for h in verify], timeout=max(deadline - time.monotonic(), 1.0))
         except ray.exceptions.GetTimeoutError:
             why = roles_not_offered(roles, ray.cluster_resources()) or "the role nodes are busy or still loading"
+            self._kill(verify + self.prefill_handles + self.draft_handles)  # detached: pending ones would take a later node
             raise RuntimeError(f"worker actors not ready after {c.ready_timeout_s:.0f} s (ready_timeout_s): "
                                f"{why}") from None
         self.replicas = [VerifyReplica(i, h, c.max_queued) for i, h in enumerate(verify)]
@@ -168,9 +169,13 @@ class ActorPool:
             await asyncio.sleep(interval)
 
     def kill_all(self) -> None:
+        self._kill([r.handle for r in self.replicas] + self.prefill_handles + self.draft_handles)
+
+    @staticmethod
+    def _kill(handles: list) -> None:
         import ray
 
-        for handle in [r.handle for r in self.replicas] + self.prefill_handles + self.draft_handles:
+        for handle in handles:
             try:
                 ray.kill(handle, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone

@@ -65,12 +65,14 @@ def main(folder: str) -> None:
     try:
         info = connect(RayConnectConfig(address=cluster.address))
         result = {"error_without_node": None}
-        backend, _ = backend_of(info, folder, ready_timeout_s=4.0)
+        backend, failed = backend_of(info, folder, ready_timeout_s=4.0)
         try:
             backend.start()
         except RuntimeError as e:
             result["error_without_node"] = str(e)
         backend.shutdown()
+        # the failed start leaves no actor waiting: it would take the verify node that joins below
+        poll(lambda: not registered(failed.actor_name(Role.VERIFY, 0)), "the failed start's actor to be gone")
 
         backend, config = backend_of(info, folder, ready_timeout_s=240.0)
         started: list = []
