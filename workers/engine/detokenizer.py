@@ -21,6 +21,19 @@ class IncrementalDetokenizer:
         self.emitted = 0  # characters of self.text already returned
         self.stopped = False
 
+    @classmethod
+    def for_prompt(cls, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = (),
+                   resumed=None) -> "IncrementalDetokenizer":
+        """A request's detokenizer. resumed (sequence.Resumed): the prompt ends with output an
+        earlier attempt delivered; it is replayed, so the text goes on from what was delivered."""
+        if resumed is None:
+            return cls(tokenizer, prompt_ids, stop)
+        if resumed.tokens >= len(prompt_ids):
+            raise ValueError(f"resumed.tokens ({resumed.tokens}) must be less than the prompt's {len(prompt_ids)} tokens")
+        detok = cls(tokenizer, prompt_ids[: -resumed.tokens], stop)
+        detok.replay(prompt_ids[-resumed.tokens :], resumed.text_chars)
+        return detok
+
     def add(self, new_ids: list[int]) -> str:
         """Feeds new output tokens; returns the newly final text (maybe empty)."""
         if self.stopped:

@@ -230,19 +230,15 @@ class LLMEngine:
         bad = next((i for i, t in enumerate(prompt_ids) if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token {bad} is {prompt_ids[bad]}, not in the vocabulary [0, {vocab})")
-        if resumed is not None and resumed.tokens >= len(prompt_ids):
-            raise ValueError(f"resumed.tokens ({resumed.tokens}) must be less than the prompt's {len(prompt_ids)} tokens")
         if prefix_kv is not None and prefix_kv.start % self.config.block_size:
             raise ValueError(f"prefix_kv.start must be a multiple of the block size "
                              f"{self.config.block_size}, got {prefix_kv.start}")
+        detok = IncrementalDetokenizer.for_prompt(self.tokenizer, prompt_ids, params.stop, resumed)
         seq = Sequence(list(prompt_ids), params, cache_salt=cache_salt, **({"request_id": request_id} if request_id else {}))
         if seq.request_id in self._requests:
             raise ValueError(f"request_id {seq.request_id!r} is already running")
         self._requests[seq.request_id] = seq
-        context = seq.prompt_ids if resumed is None else seq.prompt_ids[: -resumed.tokens]
-        detok = self._detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, context, params.stop)
-        if resumed is not None:
-            detok.replay(seq.prompt_ids[-resumed.tokens :], resumed.text_chars)
+        self._detokenizers[seq.request_id] = detok
         if self.config.prefix_caching:
             self._prefix_keys[seq.request_id] = self.block_keys(seq.prompt_ids, cache_salt)
         if prefix_kv is not None:
