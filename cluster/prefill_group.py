@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch.multiprocessing as mp
 
-from specserve.cluster.process_group import DEFAULT_TIMEOUT_S, Rendezvous, join_group
+from specserve.cluster.process_group import DEFAULT_TIMEOUT_S, Rendezvous, RendezvousHost, join_group
 
 POLL_S = 0.05  # how often the parent checks member liveness while it waits
 DEATH_WAIT_S = 2.0  # after a rank reports an error: how long to look for a dead peer that caused it
@@ -88,6 +88,7 @@ class LocalPrefillGroup:
         self._procs: list = []
         self._inboxes: list = []
         self._outbox = None
+        self._store_host: RendezvousHost | None = None
         self._request_no = 0
         self.formations = 0  # how many times the group was formed (re-forms after failures)
 
@@ -103,7 +104,8 @@ class LocalPrefillGroup:
         """Spawns the members and waits until every one has joined and set up."""
         if self._procs:
             return
-        rendezvous = Rendezvous.pick(self.world_size)
+        self._store_host = RendezvousHost(self.world_size, timeout_s=self.timeout_s)
+        rendezvous = self._store_host.rendezvous
         self._outbox = self._ctx.Queue()
         self._inboxes = [self._ctx.Queue() for _ in range(self.world_size)]
         for rank in range(self.world_size):
@@ -193,7 +195,9 @@ class LocalPrefillGroup:
             if q is not None:
                 q.close()
                 q.cancel_join_thread()
-        self._procs, self._inboxes, self._outbox = [], [], None
+        if self._store_host is not None:
+            self._store_host.close()
+        self._procs, self._inboxes, self._outbox, self._store_host = [], [], None, None
 
     def __enter__(self) -> "LocalPrefillGroup":
         self.start()

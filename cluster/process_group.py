@@ -1,11 +1,13 @@
 """torch.distributed groups for a set of workers: rendezvous address, backend from device, init,
 teardown. No group is kept here: each call returns a handle its owner passes on explicitly.
 
-The first member (rank 0) picks the rendezvous address (`Rendezvous.pick`) and hands it to the
-others out of band (a Ray call, a spawn argument); then every member calls `join_group`.
+One process hosts the group's key-value store (`RendezvousHost`: rank 0's actor, or the parent of
+spawned members) and hands its address to the members out of band (a Ray call, a spawn argument);
+then every member calls `join_group`. The host binds the store to a port the OS picks and keeps it
+bound, so no other process can take the port between picking it and the members meeting there (a
+free port that was only looked up once raced Ray's and the kernel's own ephemeral ports in CI).
 """
 
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -13,13 +15,6 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 120.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on host right now (the OS picks it; another process may take it later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def backend_for(device: str | torch.device) -> str:
@@ -37,14 +32,25 @@ class Rendezvous:
         if self.world_size < 1 or not 0 < self.port < 65536:
             raise ValueError(f"bad rendezvous {self.host}:{self.port} for world_size {self.world_size}")
 
-    @classmethod
-    def pick(cls, world_size: int, host: str = "127.0.0.1") -> "Rendezvous":
-        """Run on the member that will be rank 0: an address on its host with a free port."""
-        return cls(host, free_port(host), world_size)
-
     @property
     def url(self) -> str:
         return f"tcp://{self.host}:{self.port}"
+
+
+class RendezvousHost:
+    """The group's store, served from this process on a port the OS picked, until `close`.
+
+    Keep it alive until every member has joined (the members keep talking to the store while they
+    form the group); its owner closes it with the group.
+    """
+
+    def __init__(self, world_size: int, host: str = "127.0.0.1", timeout_s: float = DEFAULT_TIMEOUT_S):
+        self._store = dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                                    timeout=timedelta(seconds=timeout_s))
+        self.rendezvous = Rendezvous(host, self._store.port, world_size)
+
+    def close(self) -> None:
+        self._store = None  # the server stops when its last reference goes
 
 
 @dataclass
@@ -74,6 +80,8 @@ def join_group(rendezvous: Rendezvous, rank: int, device: str | torch.device = "
     if dist.is_initialized():
         raise RuntimeError("this process is already in a group; close its handle first")
     backend = backend_for(device)
-    dist.init_process_group(backend, init_method=rendezvous.url, rank=rank, world_size=rendezvous.world_size,
+    store = dist.TCPStore(rendezvous.host, rendezvous.port, rendezvous.world_size, is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=rendezvous.world_size,
                             timeout=timedelta(seconds=timeout_s))
     return GroupHandle(dist.group.WORLD, rank, rendezvous.world_size, backend)

@@ -28,18 +28,22 @@ class PrefillGroupWorker(WorkerActor):
         self.model: LlamaModel = model_factory() if model_factory is not None else worker_model.load_weights(
             worker_model.model)
         self.handle = None  # cluster.process_group.GroupHandle once joined
+        self.store_host = None  # rank 0's cluster.process_group.RendezvousHost
         self.runner: SequenceParallelPrefill | None = None
         self.prompts = 0
 
     def rendezvous(self):
-        """Rank 0 only: an address on this node for the group to meet at."""
+        """Rank 0 only: an address on this node for the group to meet at (this actor serves the
+        group's store from now until it leaves)."""
         import ray
 
-        from specserve.cluster.process_group import Rendezvous
+        from specserve.cluster.process_group import RendezvousHost
 
         if self.rank != 0:
-            raise RuntimeError(f"rank {self.rank} asked for the rendezvous; only rank 0 picks it")
-        return Rendezvous.pick(self.world_size, ray.util.get_node_ip_address())
+            raise RuntimeError(f"rank {self.rank} asked for the rendezvous; only rank 0 hosts it")
+        if self.store_host is None:
+            self.store_host = RendezvousHost(self.world_size, ray.util.get_node_ip_address())
+        return self.store_host.rendezvous
 
     def join(self, rendezvous, timeout_s: float) -> int:
         """Blocks until every rank joined; returns this rank."""
@@ -69,6 +73,9 @@ class PrefillGroupWorker(WorkerActor):
         if self.handle is not None:
             self.handle.close()
             self.handle, self.runner = None, None
+        if self.store_host is not None:
+            self.store_host.close()
+            self.store_host = None
 
     def stats(self) -> dict:
         return {"rank": self.rank, "prompts": self.prompts}
