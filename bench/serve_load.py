@@ -9,7 +9,8 @@ in the clients' process, whose GIL it would share) on free loopback ports.
 `api` picks the front door: gRPC (specserve's client) or the OpenAI HTTP API (the official
 `openai` client, chat completions streamed with the `return_token_ids` extension so tokens per
 chunk are counted as over gRPC). Given both, each level runs over both APIs on the same server,
-alternating which goes first, and the report gives openai/grpc ratios (HTTP's overhead).
+alternating which goes first, and the report gives openai/grpc ratios (HTTP's overhead). Each
+level starts with an unmeasured warm-up (2 x concurrency requests, speculation on).
 """
 
 import contextlib
@@ -162,6 +163,10 @@ def run_serve_bench(config: ServeBenchConfig) -> dict:
             n = max(config.requests_per_level, 2 * c)
             requests = [{"messages": list(p.messages), "max_tokens": config.max_new_tokens, "ignore_eos": True}
                         for p in prompts[:n]]
+            # Unmeasured warm-up at this level: the speculation gate learns its on/off rates per load
+            # level, so the first side measured at a level would otherwise pay for the learning.
+            warm = [{**r, "cache_salt": f"bench-warm-{c}"} for r in requests[:2 * c]]
+            run_level(config.apis[0], opened[config.apis[0]][0], warm, c, "on")
             for j, api in enumerate(config.apis if i % 2 == 0 else reversed(config.apis)):  # alternate who goes first
                 for mode in MODES if (i + j) % 2 == 0 else reversed(MODES):
                     # A salt per level, API and mode: no side finds the prompts another side cached.

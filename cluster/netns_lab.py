@@ -16,8 +16,10 @@ Faults: `Host.disconnect()` pulls the host's cable (its switch port goes down; p
 from it are lost without any reset or unreachable, like a real partition); `Host.kill_all()`
 kills every process in its namespace (with disconnect: the host is lost); `Host.set_netem`
 adds delay and loss on the host's interface (`tc netem`; NetemUnavailableError where the
-kernel has no sch_netem). `teardown()` kills every process in the lab's namespaces and deletes
-them, which removes the veths and the bridge; it is safe to call twice and after a failed build.
+kernel has no sch_netem); `Host.impair` does the same with netem where the kernel has it, else
+with a user-space delay line on the host's switch port (cluster/netns_wire.py). `teardown()`
+kills every process in the lab's namespaces and deletes them, which removes the veths and the
+bridge; it is safe to call twice and after a failed build.
 
 Needs root and iproute2 (`lab_unavailable_reason()` says why not, or None).
 """
@@ -31,6 +33,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -137,6 +140,7 @@ class Host:
     address: str
     switch_ns: str
     procs: list[subprocess.Popen] = field(default_factory=list)
+    wire: subprocess.Popen | None = None  # the user-space delay line on its link (cluster/netns_wire.py)
 
     @property
     def port(self) -> str:
@@ -179,6 +183,44 @@ class Host:
         subprocess.run(["ip", "netns", "exec", self.netns, "tc", "qdisc", "del", "dev", IFACE, "root"],
                        capture_output=True)
 
+    def impair(self, delay_ms: float = 0.0, loss_pct: float = 0.0, seed: int = 0) -> str:
+        """Delay and random loss on everything the host sends: `tc netem` where the kernel has
+        sch_netem, else a user-space delay line on its switch port (cluster/netns_wire.py; seed:
+        its loss draws). Returns which one: "tc netem" or "wire". `clear_impairment` undoes it."""
+        try:
+            self.set_netem(delay_ms, loss_pct)
+            return "tc netem"
+        except NetemUnavailableError:
+            pass
+        if self.wire is not None:
+            raise RuntimeError(f"{self.name} is impaired already; clear_impairment first")
+        wire_port, bridge_port = f"x-{self.name}", f"y-{self.name}"
+        _ip("-n", self.switch_ns, "link", "set", self.port, "nomaster")
+        _ip("-n", self.switch_ns, "link", "add", wire_port, "type", "veth", "peer", "name", bridge_port)
+        _ip("-n", self.switch_ns, "link", "set", bridge_port, "master", "br0", "up")
+        for port in (self.port, wire_port):
+            _ip("-n", self.switch_ns, "link", "set", port, "promisc", "on", "up")
+        self.wire = subprocess.Popen(
+            ["ip", "netns", "exec", self.switch_ns, sys.executable, "-m", "specserve.cluster.netns_wire",
+             self.port, wire_port, str(delay_ms), str(loss_pct), str(seed)],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        if self.wire.stdout.readline().strip() != "relaying":
+            self.clear_impairment()
+            raise RuntimeError(f"the delay line of {self.name} did not start")
+        return "wire"
+
+    def clear_impairment(self) -> None:
+        """The link as it was built: no netem, no delay line."""
+        self.clear_netem()
+        if self.wire is None:
+            return
+        self.wire.kill()
+        self.wire.wait()
+        self.wire = None
+        subprocess.run(["ip", "-n", self.switch_ns, "link", "del", f"x-{self.name}"], capture_output=True)
+        _ip("-n", self.switch_ns, "link", "set", self.port, "promisc", "off")
+        _ip("-n", self.switch_ns, "link", "set", self.port, "master", "br0", "up")
+
     def kill_all(self) -> None:
         """SIGKILLs every process in the host's namespace, whoever started it (the host lost power)."""
         _kill_processes(self.netns)
@@ -188,7 +230,7 @@ class Host:
 
     def stop_processes(self) -> None:
         """SIGKILLs and reaps the processes this object started."""
-        for proc in self.procs:
+        for proc in self.procs + [self.wire] * (self.wire is not None):
             if proc.poll() is None:
                 proc.kill()
             proc.wait()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from specserve.scheduler.cli import flags
 
-SUITES = ("engine", "spec", "multiturn", "serve", "prefix", "longctx", "ray", "fuzz", "kernels")
+SUITES = ("engine", "spec", "multiturn", "serve", "prefix", "longctx", "ray", "fuzz", "kernels", "chaos")
 DEFAULT_BENCH_THREADS = 2  # the machines here have 2 cores
 
 
@@ -23,7 +23,9 @@ def add_bench_parser(sub) -> None:
                             "ray: one stream's tokens/s in-process vs through the Ray worker actors; "
                             "fuzz: hostile and ordinary requests against a running server (--server), then "
                             "checks that it still serves with nothing left running; "
-                            "kernels: decode and verify step time of every matmul/attention path vs the bandwidth floor")
+                            "kernels: decode and verify step time of every matmul/attention path vs the bandwidth floor; "
+                            "chaos: a soak of faults at random times on a multi-host cluster of network namespaces "
+                            "(root), every fault's figures (tokens lost/duplicated/wrong, recovery, p99 latency)")
     bench.add_argument("--num-prompts", type=int, default=8,
                        help="prompts per category (HumanEval, ShareGPT); multiturn suite: traces of each kind")
     bench.add_argument("--methods", default=None,
@@ -43,6 +45,14 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--requests", type=int, default=10_000, help="fuzz suite: requests to send")
     bench.add_argument("--streams", type=int, default=8, help="fuzz suite: concurrent streams")
     bench.add_argument("--token", default=None, help="fuzz suite: the server's bearer token")
+    bench.add_argument("--duration-min", type=float, default=20.0,
+                       help="chaos suite: inject faults for this many minutes (the load ends after the last recovery)")
+    bench.add_argument("--max-faults", type=int, default=None,
+                       help="chaos suite: stop injecting after this many faults (default: only --duration-min)")
+    bench.add_argument("--faults", default="",
+                       help="chaos suite: comma-separated faults to draw from (default: all; see bench/chaos.py)")
+    bench.add_argument("--mean-gap-s", type=float, default=30.0,
+                       help="chaos suite: mean pause between one fault's recovery and the next fault")
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON results")
     bench.add_argument("--lengths", default="4096,8192,16384", help="longctx suite: prompt lengths to prefill")
     bench.add_argument("--prefill-workers-list", default="1,2,4", help="longctx suite: prefill group sizes")
@@ -79,9 +89,18 @@ def _methods(text: str | None) -> dict:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Builds the suite's config from the flags (each config validates its fields) and runs it;
-    the exit status (fuzz: 1 when the server failed a check)."""
+    the exit status (fuzz: 1 when the server failed a check; chaos: 1 when a fault lost, duplicated or
+    changed a token, failed a request uncleanly or did not recover)."""
     if args.suite == "fuzz":
         return _run_fuzz(args)
+    if args.suite == "chaos":
+        from specserve.bench.chaos import ChaosConfig, run_chaos_bench
+
+        faults = tuple(f for f in args.faults.split(",") if f)
+        result = run_chaos_bench(ChaosConfig(
+            model=args.model, duration_s=args.duration_min * 60, max_faults=args.max_faults, faults=faults,
+            mean_gap_s=args.mean_gap_s, max_tokens=args.max_new_tokens, seed=args.seed, out=args.out))
+        return 0 if result.ok else 1
     if args.suite == "kernels":
         from specserve.bench.kernel_paths import KernelPathsConfig, run_kernel_paths_bench
 

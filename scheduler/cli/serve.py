@@ -31,8 +31,9 @@ def ray_serve_options(args) -> RayServeOptions | None:
         return None
 
     def role(prefix: str, replicas: int) -> RoleSpec:
+        restarts = getattr(RayBackendConfig, prefix).max_restarts  # see RayBackendConfig
         return RoleSpec(replicas=replicas, num_cpus=getattr(args, f"{prefix}_cpus"),
-                        num_gpus=getattr(args, f"{prefix}_gpus"))
+                        num_gpus=getattr(args, f"{prefix}_gpus"), max_restarts=restarts)
 
     verify_replicas = args.verify_replicas if args.verify_replicas is not None else args.replicas
     backend = RayBackendConfig(

@@ -10,8 +10,11 @@ from specserve.workers.model.sequence_parallel import SequenceParallelMode
 class RayBackendConfig:
     name: str = "specserve"  # actor names: <name>-<role>-<i>, in the specserve namespace
     verify: RoleSpec = RoleSpec(replicas=1, num_cpus=1.0)
-    prefill: RoleSpec = RoleSpec(replicas=1, num_cpus=0.5)
-    draft: RoleSpec = RoleSpec(replicas=1, num_cpus=0.5)  # used only with spec method `model`
+    # Prefill and draft actors hold no request's state: Ray restarts them however often they die
+    # (with a cap, one kill too many left the role gone until the scheduler restarted). A verify
+    # actor whose restarts ran out is replaced by the pool (ActorPool.revive).
+    prefill: RoleSpec = RoleSpec(replicas=1, num_cpus=0.5, max_restarts=-1)
+    draft: RoleSpec = RoleSpec(replicas=1, num_cpus=0.5, max_restarts=-1)  # used only with spec method `model`
     prefill_threshold: int = 256  # prompts of at least this many tokens are prefilled by a PrefillWorker
     max_queued: int = 64  # per verify replica, as EngineLoop's
     stall_timeout_s: float = 300.0  # no chunk for this long: the worker is treated as dead

@@ -15,19 +15,17 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from specserve.bench.lab_cluster import LabRedis
 from specserve.cluster.netns_lab import NetnsLab, lab_unavailable_reason
 
 from tests.helpers.tiny_folder import save_tiny_model
 
 HOSTS = ["head", "verify", "draft", "prefill", "redis"]
-REDIS_PORT = 6379  # the redis host has its own address: the default port cannot collide
-READY_TIMEOUT_S = 20.0
 REPLY_TIMEOUT_S = 60.0  # a driver reply later than this fails the test (a hang, not a slow reply)
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,39 +51,9 @@ def netns_lab() -> Iterator[NetnsLab]:
         lab.teardown()
 
 
-class LabRedis:
-    """redis-server on the lab's redis host, bound to that host's address, no persistence."""
-
-    def __init__(self, lab: NetnsLab, workdir: Path):
-        self.host, self.workdir = lab["redis"], workdir
-        self.url = f"redis://{self.host.address}:{REDIS_PORT}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = self.host.popen(
-            [shutil.which("redis-server"), "--bind", self.host.address, "--port", str(REDIS_PORT),
-             "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self.answers():
-            assert self.proc.poll() is None, f"redis-server exited with {self.proc.returncode}"
-            assert time.monotonic() < deadline, f"redis-server not answering after {READY_TIMEOUT_S:.0f}s"
-            time.sleep(0.05)  # poll interval
-
-    def answers(self) -> bool:
-        """PING from inside the redis host's namespace (the root namespace has no route to it)."""
-        out = self.host.run(["redis-cli", "-h", self.host.address, "-p", str(REDIS_PORT), "ping"],
-                            capture_output=True, text=True)
-        return out.stdout.strip() == "PONG"
-
-    def kill9(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def lab_redis(netns_lab: NetnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRedis]:
-    redis = LabRedis(netns_lab, tmp_path_factory.mktemp("lab-redis"))
+    redis = LabRedis(netns_lab["redis"], tmp_path_factory.mktemp("lab-redis"))
     redis.start()
     yield redis  # the lab's teardown kills it
 

@@ -31,7 +31,7 @@ import pytest
 
 from specserve.scheduler.client import Client
 
-from tests.helpers.start_node import START_NODE, wait_started
+from specserve.bench.lab_cluster import START_NODE, wait_started
 from tests.helpers.tiny_folder import save_tiny_model
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import pytest
 
 from specserve.cluster.netns_lab import NetemUnavailableError, NetnsLab, remove_stale_labs
 
-from .netns_fixture import require_lab
+from .netns_fixture import REPO, require_lab
 
 # Connects from inside a host to ADDRESS:PORT; prints "open", "refused" or "timeout".
 PROBE = """
@@ -109,9 +109,60 @@ def test_netem_delays_the_host_or_says_the_kernel_lacks_it(netns_lab):
     try:
         host.set_netem(delay_ms=50, loss_pct=1)
     except NetemUnavailableError as e:
-        pytest.skip(str(e))
+        pytest.skip(str(e) + "; test_impair_* covers the delay line used instead")
     try:
         shown = host.run(["tc", "qdisc", "show", "dev", "lab0"], capture_output=True, text=True).stdout
         assert "netem" in shown and "delay 50ms" in shown and "loss 1%" in shown
     finally:
         host.clear_netem()
+
+
+def round_trips(lab: NetnsLab, src: str, dst: str, n: int) -> dict:
+    out = lab[src].run([sys.executable, "-m", "tests.helpers.udp_echo", "probe", lab[dst].address, str(n)],
+                       cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_impair_delays_and_drops_what_the_host_sends_and_clears(netns_lab):
+    """50 ms and 5% loss on the draft host (tc netem, or the user-space delay line where the kernel
+    has no sch_netem): round trips from it take 50 ms more, about 5% are lost, a 20 MB TCP
+    transfer through it arrives whole; cleared, the link is as before."""
+    draft, head = netns_lab["draft"], netns_lab["head"]
+    echo = head.popen([sys.executable, "-m", "tests.helpers.udp_echo", "serve", head.address], cwd=REPO,
+                      stdout=subprocess.PIPE, text=True)
+    assert echo.stdout.readline().strip() == "up"
+    assert round_trips(netns_lab, "draft", "head", 50)["median_ms"] < 10
+    how = draft.impair(delay_ms=50, loss_pct=5, seed=1)
+    try:
+        impaired = round_trips(netns_lab, "draft", "head", 400)
+        assert 49 <= impaired["median_ms"] < 80, (how, impaired)
+        assert 6 <= impaired["lost"] <= 40, (how, impaired)  # 20 expected (binomial: 6..40 is > 4 sd)
+        assert tcp_transfer(netns_lab, "draft", "head", 20 << 20) == 20 << 20
+        assert tcp_transfer(netns_lab, "head", "draft", 20 << 20) == 20 << 20
+    finally:
+        draft.clear_impairment()
+    cleared = round_trips(netns_lab, "draft", "head", 50)
+    assert cleared["median_ms"] < 10 and cleared["lost"] == 0, cleared
+
+
+# Receives one TCP connection on ADDRESS:9001 and prints how many bytes it carried.
+SINK = """
+import socket, sys
+s = socket.socket(); s.bind((sys.argv[1], 9001)); s.listen(); print("up", flush=True)
+c, _ = s.accept(); n = 0
+while data := c.recv(1 << 20):
+    n += len(data)
+print(n, flush=True)
+"""
+
+
+def tcp_transfer(lab: NetnsLab, src: str, dst: str, size: int) -> int:
+    """Bytes that arrived of `size` sent from src to dst over one TCP connection."""
+    sink = lab[dst].popen([sys.executable, "-c", SINK, lab[dst].address], stdout=subprocess.PIPE, text=True)
+    assert sink.stdout.readline().strip() == "up"
+    send = (f"import socket; c = socket.create_connection(({lab[dst].address!r}, 9001)); "
+            f"c.sendall(b'x' * {size}); c.close()")
+    lab[src].run([sys.executable, "-c", send], check=True, timeout=120)
+    received = int(sink.stdout.readline())
+    sink.wait(timeout=30)
+    return received

@@ -1,21 +1,23 @@
 """Faults on a real multi-host specserve cluster (hosts = network namespaces, each a Ray node
-started by deploy/start-node.sh; tests/integration/netns_ray_cluster.py), each injected during
+started by deploy/start-node.sh; specserve.bench.lab_cluster), each injected during
 steady load of greedy streams whose outputs are known (the in-process engine's):
 
   (a) kill -9 of the VerifyWorker process     Ray restarts the actor; its requests are resubmitted
   (b) kill -9 of the DraftWorker process      steps run without drafts until Ray restarted it
   (c) kill -9 of the PrefillWorker process    the verify worker prefills itself until it is back
-  (e) SIGKILL of `specserve serve`, then `start-node.sh serve` on the head: it finds its
+  (d) SIGKILL of `specserve serve`, then `start-node.sh serve` on the head: it finds its
       (detached, named) actors again and serves new requests
-  (d) the verify host lost: its link down and every process on it killed. A spare host offering
+  (e) 50 ms delay and 1% loss on everything the draft host sends (`Host.impair`: tc netem, or a
+      user-space delay line where the kernel has no sch_netem)
+  (f) the verify host lost: its link down and every process on it killed. A spare host offering
       verify has joined the cluster (after the actors were placed, so placement is deterministic):
       Ray restarts the verify actor there and the driver resubmits the lost requests to it.
-  (f) the draft host lost, no other host offering draft: speculation stops, serving goes on at
+  (g) the draft host lost, no other host offering draft: speculation stops, serving goes on at
       full speed (the verify worker stops calling the lost draft worker until it answers a ping)
 
 The hard figures are asserted: no token lost, duplicated or wrong; every failed request got a
 clean gRPC error; a request sent after the fault completes. The rest is printed as a table
-(`pytest -s`). The tests share one cluster and run in this order; (d) and (f) come last (their
+(`pytest -s`). The tests share one cluster and run in this order; (f) and (g) come last (their
 hosts stay lost).
 """
 
@@ -27,20 +29,17 @@ import time
 
 import pytest
 
+from specserve.bench.fault_figures import FaultFigures, RequestRecord, markdown_table
+from specserve.bench.lab_cluster import PREFILL_THRESHOLD, PROMPTS, LabRayCluster, poll_until
 from specserve.scheduler.prompts import Prompt
 from specserve.workers.model.model_source import load_tokenizer, resolve_model
 
 from tests.helpers.tiny_folder import GreedyReference
 
-from .netns_fault_figures import FaultFigures, RequestRecord, markdown_table
-from .netns_ray_cluster import PREFILL_THRESHOLD, LabRayCluster
-
 pytestmark = pytest.mark.integration
 
 CLIENTS = 3  # concurrent streams
 MAX_TOKENS = 160  # long enough that the requests in flight at a fault have streamed part of their output
-# Short prompts are prefilled by the verify worker, long ones (>= PREFILL_THRESHOLD) by the prefill worker.
-PROMPTS = [" ".join(f"w{(7 * i + 3 * j) % 90 + 3}" for j in range(n)) for i, n in enumerate((4, 12, 6, 20, 9, 5))]
 STEADY_REQUESTS = 3  # completed before the fault is injected
 STREAMING_AT_FAULT = 2  # requests that have streamed part of their output when the fault comes
 AFTER_REQUESTS = 3  # completed after it, sent after it
@@ -69,13 +68,6 @@ def table():
             print(f"  {f.fault}: {failure}")
 
 
-def wait_until(condition, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f}s"
-        time.sleep(0.2)  # poll interval
-
-
 def under_load(cluster: LabRayCluster, reference, fault: str, inject) -> FaultFigures:
     """Steady load, inject(), load until AFTER_REQUESTS sent after the fault completed; the figures."""
     cluster.wait_serving()
@@ -87,11 +79,11 @@ def under_load(cluster: LabRayCluster, reference, fault: str, inject) -> FaultFi
     load.command("start", run=fault, clients=CLIENTS, prompts=PROMPTS, max_tokens=MAX_TOKENS,
                  timeout_s=REQUEST_TIMEOUT_S)
     try:
-        wait_until(lambda: sum(r.completed for r in records()) >= STEADY_REQUESTS, "steady load", RECOVERY_TIMEOUT_S)
-        wait_until(lambda: len(load.streaming) >= STREAMING_AT_FAULT, "streams mid-way", RECOVERY_TIMEOUT_S)
+        poll_until(lambda: sum(r.completed for r in records()) >= STEADY_REQUESTS, "steady load", RECOVERY_TIMEOUT_S)
+        poll_until(lambda: len(load.streaming) >= STREAMING_AT_FAULT, "streams mid-way", RECOVERY_TIMEOUT_S)
         fault_at = time.monotonic()
         inject()
-        wait_until(lambda: sum(r.completed and r.start >= fault_at for r in records()) >= AFTER_REQUESTS,
+        poll_until(lambda: sum(r.completed and r.start >= fault_at for r in records()) >= AFTER_REQUESTS,
                    f"requests completing after {fault}", RECOVERY_TIMEOUT_S)
     finally:
         load.command("stop", reply_timeout_s=REQUEST_TIMEOUT_S + 30)
@@ -153,8 +145,23 @@ def test_scheduler_killed_and_restarted(lab_cluster, reference, table):
     assert actor_pids(lab_cluster) == actors  # found again by name: the same worker processes serve
 
 
+def test_draft_host_slow_and_lossy(lab_cluster, reference, table):
+    """Every frame the draft host sends is held 50 ms and 1% are lost (tc netem, or the user-space
+    delay line where the kernel has no sch_netem) for the rest of the load: drafts come later,
+    nothing is lost."""
+    draft, how = lab_cluster.lab["draft"], []
+    try:
+        figures = under_load(lab_cluster, reference, "draft host +50 ms, 1% loss",
+                             lambda: how.append(draft.impair(delay_ms=50, loss_pct=1)))
+    finally:
+        draft.clear_impairment()
+    assert_survived(lab_cluster, figures, table)
+    assert figures.failed_clean == 0, figures.failures
+    print(f"\ndraft host impaired by {how[0]}")
+
+
 def test_verify_host_lost(lab_cluster, reference, table):
-    lab_cluster.start_spare()
+    lab_cluster.start_node("spare", "verify")  # where a lost verify actor can be restarted
     verify = lab_cluster.lab["verify"]
 
     def inject():

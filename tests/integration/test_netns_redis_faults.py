@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from specserve.bench.lab_cluster import LabRedis
 from specserve.cluster.netns_lab import NetnsLab
 
 from tests.helpers.tiny_folder import GreedyReference
-from .netns_fixture import EngineDriver, LabRedis
+
+from .netns_fixture import EngineDriver
 
 NEW_TOKENS = 8
 DURING_FAULT = 3  # requests sent while the fault lasts

@@ -46,3 +46,26 @@ def test_a_bad_config_is_refused_naming_the_field():
         ServeBenchConfig(concurrency=(4, 0))
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         ServeBenchConfig(max_new_tokens=0)
+
+
+def test_the_chaos_suite_gets_its_faults_and_exits_1_when_a_token_was_lost(monkeypatch):
+    from specserve.bench import chaos
+    from specserve.bench.fault_figures import FaultFigures, TokenErrors
+    from specserve.scheduler.cli.main import main
+
+    built = []
+
+    def run(config, log=print):
+        built.append(config)
+        lost = FaultFigures("draft-kill", 3, 3, 0, 0, TokenErrors(lost=1), 1, 2.0, 2.0, 50.0, 60.0, ())
+        return chaos.ChaosResult([lost], None, {"verify_running": 0, "verify_blocks_free": 4,
+                                                "verify_blocks_total": 4}, True)
+
+    monkeypatch.setattr(chaos, "run_chaos_bench", run)
+    assert main(["bench", "chaos", "--model", "m", "--duration-min", "0.5", "--max-faults", "3",
+                 "--faults", "draft-kill,redis-restart", "--mean-gap-s", "7"]) == 1
+    config = built[0]
+    assert (config.duration_s, config.max_faults, config.faults, config.mean_gap_s) == \
+        (30.0, 3, ("draft-kill", "redis-restart"), 7.0)
+    with pytest.raises(ValueError, match=r"faults: unknown \['power-cut'\]; known: verify-kill"):
+        chaos.ChaosConfig(model="m", faults=("power-cut",))

@@ -13,6 +13,7 @@ import torch
 from specserve.cluster.prefix_cache.cache import SharedPrefixCache
 from specserve.cluster.prefix_cache.redis_store import RedisBlockStore
 
+from specserve.workers.engine.engine_loop import on_passing_thread
 from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
 from specserve.workers.model.cpu_info import busy_reason, cpu_info
 from specserve.workers.model.kernel_choice import AUTO, check_mode, choose_kernels
@@ -116,11 +117,19 @@ def load_engine(model: str, options: LoadOptions = LoadOptions(), model_drafter:
     model_drafter: serves the `model` part of the spec method instead of a draft model loaded
     here (a verify worker's RemoteDrafter); the draft model is then not loaded.
 
+    The loading (conversion, kernel timing, latency profile) runs on a passing thread, so that
+    the thread that runs the engine, this one or an EngineLoop's, is the only one left holding an
+    OpenMP pool (see on_passing_thread).
+
     Raises ModelError with a one-line message when the model cannot be used.
     """
-    config = options.config
     if options.threads is not None:
-        torch.set_num_threads(options.threads)
+        torch.set_num_threads(options.threads)  # this thread's, and the default of threads started later
+    return on_passing_thread(_load_engine, model, options, model_drafter)
+
+
+def _load_engine(model: str, options: LoadOptions, model_drafter: Drafter | None) -> LoadedModel:
+    config = options.config
     torch_dtype, device = options.torch_dtype, options.device
     source = resolve_model(model, progress=options.progress)
     weights = load_weights(source, torch_dtype, device, options.kernels, options.progress)

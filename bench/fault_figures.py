@@ -31,7 +31,7 @@ CLEAN_CODES = frozenset({"UNAVAILABLE", "INTERNAL", "ABORTED", "RESOURCE_EXHAUST
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One request as netns_load_client reported it."""
+    """One request as lab_load_client reported it."""
 
     prompt: int  # index into the run's prompts
     start: float

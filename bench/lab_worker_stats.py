@@ -1,6 +1,6 @@
 """What the workers of a deployment hold once no request is in flight: a Ray driver on a lab
-host, run as `python -m tests.helpers.netns_worker_stats NAME` (RAY_ADDRESS: the head's GCS) and
-driven over stdin/stdout with one JSON object a line, like netns_load_client.
+host, run as `python -m specserve.bench.lab_worker_stats NAME` (RAY_ADDRESS: the head's GCS) and
+driven over stdin/stdout with one JSON object a line, like lab_load_client.
 
     {"cmd": "idle", "timeout_s": T, "draft": D} -> {"event": "idle", "verify_running", "verify_blocks_free",
         "verify_blocks_total", "draft_failures", "draft_sequences", "draft_error"}

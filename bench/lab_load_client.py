@@ -1,6 +1,6 @@
 """A load generator for a specserve server reachable only from a lab host (a network namespace):
-run there as `python -m tests.helpers.netns_load_client HOST:PORT`, driven over stdin/stdout with
-one JSON object a line (tests/integration/netns_ray_cluster.py's HeadProcess is the other end).
+run there as `python -m specserve.bench.lab_load_client HOST:PORT`, driven over stdin/stdout with
+one JSON object a line (bench/lab_cluster.py's HeadProcess is the other end).
 
 Commands, and what comes back:
     {"cmd": "health"}                      -> {"event": "health", "status": "SERVING" | <gRPC code name>}
@@ -12,8 +12,9 @@ Commands, and what comes back:
     {"cmd": "stop"}                        -> {"event": "stopped"} once every thread's last request ended
 
 A request line: id, prompt (its index), start / end (time.monotonic(): one clock for every process
-of the machine), chunks ([[arrival, [token ids]], ...]), finish_reason (FINISH_REASON_LENGTH, ...), and for a failed stream
-error_code / error (the gRPC status name and details). SPECSERVE_TOKEN is the bearer token.
+of the machine), chunks ([[arrival, [token ids]], ...]), finish_reason (FINISH_REASON_LENGTH, ...),
+and for a failed stream error_code / error (the gRPC status name and details). SPECSERVE_TOKEN is
+the bearer token.
 """
 
 from __future__ import annotations
