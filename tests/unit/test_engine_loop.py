@@ -2,13 +2,12 @@
 
 import dataclasses
 import queue
-import threading
 
 import pytest
 
 from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
 from specserve.workers.engine.engine_loop import (AdmissionGate, EngineLoop, LoopStats, LoopStoppedError,
-                                                  QueueFullError, combine_stats, on_passing_thread)
+                                                  QueueFullError, combine_stats)
 from specserve.workers.engine.sequence import FinishReason, SamplingParams, SpecCounters
 from specserve.workers.engine.step_planner import PlannerConfig
 
@@ -161,36 +160,3 @@ def test_admission_gate_refuses_after_close_duplicates_and_beyond_the_limit():
         gate.admit("d", set())
     assert not gate.has_room(0)
 
-
-def test_on_passing_thread_returns_or_raises_from_a_thread_that_ended():
-    ran_on = []
-
-    def work(x):
-        ran_on.append(threading.current_thread())
-        if x < 0:
-            raise ValueError(f"negative: {x}")
-        return x * 2
-
-    assert on_passing_thread(work, 21) == 42
-    with pytest.raises(ValueError, match="negative: -1"):
-        on_passing_thread(work, -1)
-    assert all(t is not threading.current_thread() and not t.is_alive() for t in ran_on)
-
-
-def test_load_engine_loads_on_a_thread_that_ends(monkeypatch):
-    """The thread that will run the engine must be the only live one that ran the model's
-    parallel ops (see on_passing_thread): load_engine loads on a thread that has ended once it
-    returns, and sets the caller's torch threads."""
-    import torch
-
-    from specserve.workers.model import loader
-
-    loaded_on = []
-    monkeypatch.setattr(loader, "_load_engine", lambda *args: loaded_on.append(threading.current_thread()) or "x")
-    before = torch.get_num_threads()
-    try:
-        assert loader.load_engine("tiny", loader.LoadOptions(threads=1, progress=False)) == "x"
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-    assert len(loaded_on) == 1 and not loaded_on[0].is_alive() and loaded_on[0] is not threading.current_thread()

@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from specserve.workers.engine.llm_engine import LLMEngine, RequestOutput
 from specserve.workers.engine.kv_prefix import PrefixKV
@@ -32,37 +32,6 @@ log = logging.getLogger("specserve.engine_loop")
 # up to draft_timeout_s (30 s by default) for a remote drafter before it drafts nothing.
 DEFAULT_STALL_TIMEOUT_S = 60.0
 NO_PROGRESS_WAIT_S = 0.01  # after a step that made no progress: wait for input instead of spinning
-
-T = TypeVar("T")
-
-
-def on_passing_thread(fn: Callable[..., T], *args) -> T:
-    """fn(*args) on a new thread that ends with it: its result, or its exception raised here.
-
-    `load_engine` loads this way. Every thread that runs a parallel torch op keeps an OpenMP
-    thread pool while it lives, and once the process has more OpenMP threads than CPUs, libgomp's
-    workers barely spin between parallel regions (its "throttled" spin count): SmolLM2 decoded 64
-    tokens on 2 cores in 2.7 s on the thread that loaded it (or on any thread once the loading
-    thread had ended) and in 3.9-4.7 s on an engine-loop thread while the loading thread lived on
-    (the main thread, an asyncio executor thread, a Ray actor's main thread): `serve` streamed at
-    2/3 of `generate`'s speed.
-    """
-    result: list = []
-
-    def run() -> None:
-        try:
-            result.append((True, fn(*args)))
-        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
-            result.append((False, e))
-
-    thread = threading.Thread(target=run, name=f"passing-{getattr(fn, '__name__', 'call')}")
-    thread.start()
-    thread.join()
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
-
 
 # Called on the loop thread with each RequestOutput of the request, or once with an exception
 # when it fails; the last call is a finished output or the exception. Must not block.

@@ -13,11 +13,11 @@ import torch
 from specserve.cluster.prefix_cache.cache import SharedPrefixCache
 from specserve.cluster.prefix_cache.redis_store import RedisBlockStore
 
-from specserve.workers.engine.engine_loop import on_passing_thread
 from specserve.workers.engine.llm_engine import EngineConfig, LLMEngine
 from specserve.workers.model.cpu_info import busy_reason, cpu_info
 from specserve.workers.model.kernel_choice import AUTO, check_mode, choose_kernels
 from specserve.workers.model.llama import LlamaModel, MissingWeightError
+from specserve.workers.model.passing_thread import on_passing_thread
 from specserve.workers.model.model_config import ModelConfig, UnsupportedConfigError
 from specserve.workers.spec.drafter import Drafter
 from specserve.workers.model.model_source import (
@@ -119,7 +119,7 @@ def load_engine(model: str, options: LoadOptions = LoadOptions(), model_drafter:
 
     The loading (conversion, kernel timing, latency profile) runs on a passing thread, so that
     the thread that runs the engine, this one or an EngineLoop's, is the only one left holding an
-    OpenMP pool (see on_passing_thread).
+    OpenMP pool (see workers/model/passing_thread.py).
 
     Raises ModelError with a one-line message when the model cannot be used.
     """
