@@ -10,7 +10,10 @@ in the clients' process, whose GIL it would share) on free loopback ports.
 `openai` client, chat completions streamed with the `return_token_ids` extension so tokens per
 chunk are counted as over gRPC). Given both, each level runs over both APIs on the same server,
 alternating which goes first, and the report gives openai/grpc ratios (HTTP's overhead). Each
-level starts with an unmeasured warm-up (2 x concurrency requests, speculation on).
+level starts with an unmeasured warm-up (2 x concurrency requests, speculation on). With
+`rounds` > 1 a level's sides take turns that many times and each side's rounds are summed, so
+drift on a shared machine falls on every side alike. CPU per token is reported for the server
+process and for the clients' (on a small machine the clients' CPU is taken from the server).
 """
 
 import contextlib
@@ -59,6 +62,7 @@ class LevelResult:
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)  # per token: chunk gap / tokens in the chunk
     server_cpu_s: float | None = None  # CPU time the server process used meanwhile (a server of our own)
+    client_cpu_s: float = 0.0  # CPU time this (the load clients') process used meanwhile
 
     @property
     def tokens_per_s(self) -> float:
@@ -69,7 +73,19 @@ class LevelResult:
                 "tokens": self.tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
                 "ttft_p50_s": percentile(self.ttft_s, 50), "ttft_p99_s": percentile(self.ttft_s, 99),
                 "itl_p50_s": percentile(self.itl_s, 50), "itl_p99_s": percentile(self.itl_s, 99),
-                "server_cpu_ms_per_token": None if self.server_cpu_s is None else 1e3 * self.server_cpu_s / self.tokens}
+                "server_cpu_ms_per_token": None if self.server_cpu_s is None else 1e3 * self.server_cpu_s / self.tokens,
+                "client_cpu_ms_per_token": 1e3 * self.client_cpu_s / self.tokens}
+
+    def add(self, other: "LevelResult") -> None:
+        """Sums another round of the same side into this one."""
+        self.requests += other.requests
+        self.tokens += other.tokens
+        self.wall_s += other.wall_s
+        self.ttft_s += other.ttft_s
+        self.itl_s += other.itl_s
+        self.client_cpu_s += other.client_cpu_s
+        if self.server_cpu_s is not None and other.server_cpu_s is not None:
+            self.server_cpu_s += other.server_cpu_s
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -109,12 +125,14 @@ def run_level(api: Api, stream: Stream, requests: list[dict], concurrency: int, 
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     cpu_start = server_cpu() if server_cpu else None
+    client_cpu_start = time.process_time()
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     result.wall_s = time.perf_counter() - start
+    result.client_cpu_s = time.process_time() - client_cpu_start
     if server_cpu:
         result.server_cpu_s = server_cpu() - cpu_start
     return result
@@ -124,6 +142,7 @@ def run_level(api: Api, stream: Stream, requests: list[dict], concurrency: int, 
 class ServeBenchConfig(BenchConfig):
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)  # stream counts, one level each
     requests_per_level: int = 8  # at least 2x the concurrency are sent
+    rounds: int = 1  # each level's sides run this many times, interleaved (first side alternating), and are summed
     server: str | None = None  # host:port of a running server (its HTTP port for api openai); None: start one here
     apis: tuple[Api, ...] = (Api.GRPC,)  # front doors to load, each level over each
     load: LoadOptions = field(default_factory=LoadOptions)  # how that server loads config.model
@@ -135,6 +154,8 @@ class ServeBenchConfig(BenchConfig):
             raise ValueError(f"concurrency must list positive integers, got {self.concurrency!r}")
         if self.requests_per_level < 1:
             raise ValueError(f"requests_per_level must be >= 1, got {self.requests_per_level}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if not self.apis or len(set(self.apis)) != len(self.apis):
             raise ValueError(f"apis must list grpc and/or openai once each, got {self.apis!r}")
         if self.server is not None and len(self.apis) != 1:
@@ -167,12 +188,23 @@ def run_serve_bench(config: ServeBenchConfig) -> dict:
             # level, so the first side measured at a level would otherwise pay for the learning.
             warm = [{**r, "cache_salt": f"bench-warm-{c}"} for r in requests[:2 * c]]
             run_level(config.apis[0], opened[config.apis[0]][0], warm, c, "on")
-            for j, api in enumerate(config.apis if i % 2 == 0 else reversed(config.apis)):  # alternate who goes first
-                for mode in MODES if (i + j) % 2 == 0 else reversed(MODES):
-                    # A salt per level, API and mode: no side finds the prompts another side cached.
-                    salted = [{**r, "cache_salt": f"bench-{c}-{api.value}-{mode}"} for r in requests]
-                    results.append(run_level(api, opened[api][0], salted, c, mode, server_cpu))
-                    print(_row(results[-1]), flush=True)
+            sides: dict[tuple[Api, str], LevelResult] = {}
+            for k in range(config.rounds):
+                first = i + k  # alternate who goes first, across levels and rounds
+                for j, api in enumerate(config.apis if first % 2 == 0 else reversed(config.apis)):
+                    for mode in MODES if (first + j) % 2 == 0 else reversed(MODES):
+                        # A salt per level, API, mode and round: no side finds prompts another side cached.
+                        salted = [{**r, "cache_salt": f"bench-{c}-{api.value}-{mode}-{k}"} for r in requests]
+                        got = run_level(api, opened[api][0], salted, c, mode, server_cpu)
+                        if config.rounds > 1:
+                            print(f"  round {k + 1}/{config.rounds}: " + _row(got), flush=True)
+                        if (api, mode) in sides:
+                            sides[api, mode].add(got)
+                        else:
+                            sides[api, mode] = got
+            for side in sides.values():
+                results.append(side)
+                print(_row(side), flush=True)
     report = _report(results, levels, served, config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +252,8 @@ def _row(r: LevelResult) -> str:
     s = r.summary()
     return (f"{r.api.value:<6} c={r.concurrency:<3} spec {r.mode:<3} {s['tokens_per_s']:7.1f} tok/s  "
             f"TTFT p50 {s['ttft_p50_s']:.3f} p99 {s['ttft_p99_s']:.3f} s  "
-            f"ITL p50 {1e3 * s['itl_p50_s']:.1f} p99 {1e3 * s['itl_p99_s']:.1f} ms")
+            f"ITL p50 {1e3 * s['itl_p50_s']:.1f} p99 {1e3 * s['itl_p99_s']:.1f} ms  "
+            f"client CPU {s['client_cpu_ms_per_token']:.2f} ms/token")
 
 
 def _report(results: list[LevelResult], levels: list[int], served: Served, config: ServeBenchConfig) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from specserve.scheduler.cli import flags
 
-SUITES = ("engine", "spec", "multiturn", "serve", "prefix", "longctx", "ray", "fuzz", "kernels", "chaos")
+SUITES = ("engine", "spec", "multiturn", "serve", "prefix", "longctx", "ray", "rayserve", "fuzz", "kernels", "chaos")
 DEFAULT_BENCH_THREADS = 2  # the machines here have 2 cores
 
 
@@ -21,6 +21,8 @@ def add_bench_parser(sub) -> None:
                             "prefix: TTFT of 2K/4K-token prompts cold vs prefix cache hits (L1, Redis L2); "
                             "longctx: sequence-parallel prefill vs workers, verify latency vs context; "
                             "ray: one stream's tokens/s in-process vs through the Ray worker actors; "
+                            "rayserve: a verify worker's tokens/s through a Ray Serve deployment handle vs a direct "
+                            "actor handle at rising stream counts; "
                             "fuzz: hostile and ordinary requests against a running server (--server), then "
                             "checks that it still serves with nothing left running; "
                             "kernels: decode and verify step time of every matmul/attention path vs the bandwidth floor; "
@@ -36,12 +38,17 @@ def add_bench_parser(sub) -> None:
     flags.add_draft_model(bench)
     bench.add_argument("--server", metavar="HOST:PORT", default=None,
                        help="serve suite: a running server (default: start one in this process)")
-    bench.add_argument("--concurrency", default="1,2,4,8,16", help="serve suite: comma-separated stream counts")
+    bench.add_argument("--concurrency", default=None,
+                       help="serve and rayserve suites: comma-separated stream counts (default 1,2,4,8,16 and 1,16)")
     bench.add_argument("--api", default="grpc",
                        help="serve suite: the front door to load: grpc, openai (the HTTP API), or grpc,openai "
                             "(both on the same server, side by side: HTTP's overhead)")
-    bench.add_argument("--requests-per-level", type=int, default=8,
-                       help="serve suite: requests per concurrency level (at least 2x the concurrency)")
+    bench.add_argument("--requests-per-level", type=int, default=None,
+                       help="serve and rayserve suites: requests per concurrency level, side and round (at least "
+                            "2x the concurrency for serve; default 8 and 16)")
+    bench.add_argument("--rounds", type=int, default=None,
+                       help="serve and rayserve suites: run each level's sides this many times, interleaved, and sum "
+                            "them (drift on the machine then falls on every side alike; default 1 and 2)")
     bench.add_argument("--requests", type=int, default=10_000, help="fuzz suite: requests to send")
     bench.add_argument("--streams", type=int, default=8, help="fuzz suite: concurrent streams")
     bench.add_argument("--token", default=None, help="fuzz suite: the server's bearer token")
@@ -114,9 +121,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.suite == "serve":
         from specserve.bench.serve_load import ServeBenchConfig, run_serve_bench
 
-        run_serve_bench(ServeBenchConfig(
-            **common, concurrency=_ints("--concurrency", args.concurrency), requests_per_level=args.requests_per_level,
-            server=args.server, load=flags.load_options(args), spec_tokens=args.spec_tokens, apis=_apis(args.api)))
+        run_serve_bench(ServeBenchConfig(**common, **_levels(args), server=args.server, load=flags.load_options(args),
+                                         spec_tokens=args.spec_tokens, apis=_apis(args.api)))
+    elif args.suite == "rayserve":
+        from specserve.bench.serve_handles import RayServeBenchConfig, run_rayserve_bench
+
+        run_rayserve_bench(RayServeBenchConfig(**common, **_levels(args), threads=threads, dtype=args.dtype,
+                                               spec_tokens=args.spec_tokens))
     elif args.suite == "longctx":
         from specserve.bench.long_context import LongContextBenchConfig, run_longctx_bench
         from specserve.workers.model.sequence_parallel import SequenceParallelMode
@@ -152,6 +163,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
         run_engine_bench(EngineBenchConfig(**common, load=flags.load_options(args, threads)))
     return 0
+
+
+def _levels(args: argparse.Namespace) -> dict:
+    """The load-level flags given (the suite's defaults stand for the others)."""
+    given = {"requests_per_level": args.requests_per_level, "rounds": args.rounds}
+    if args.concurrency is not None:
+        given["concurrency"] = _ints("--concurrency", args.concurrency)
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _run_fuzz(args: argparse.Namespace) -> int:

@@ -12,7 +12,8 @@ MODULES = sorted(f"specserve.bench.{m.name}" for m in pkgutil.iter_modules(specs
 
 
 def test_every_bench_module_is_checked():
-    suites = {"engine_vs_hf", "spec_vs_hf", "serve_load", "prefix_cache", "long_context", "ray_vs_inprocess"}
+    suites = {"engine_vs_hf", "spec_vs_hf", "serve_load", "prefix_cache", "long_context", "ray_vs_inprocess",
+              "serve_handles"}
     assert {f"specserve.bench.{name}" for name in suites} <= set(MODULES)
 
 
@@ -39,6 +40,24 @@ def test_the_cli_builds_the_suites_typed_config(monkeypatch):
         lengths=(64, 128), group_sizes=(1, 2), mode=SequenceParallelMode.ULYSSES, layers=2, skip_decode=True)]
 
 
+def test_serve_and_rayserve_take_the_level_flags_given_and_their_own_defaults(monkeypatch):
+    from specserve.bench import serve_handles, serve_load
+    from specserve.scheduler.cli.main import main
+
+    built = []
+    monkeypatch.setattr(serve_load, "run_serve_bench", built.append)
+    monkeypatch.setattr(serve_handles, "run_rayserve_bench", built.append)
+    assert main(["bench", "serve"]) == 0
+    assert main(["bench", "rayserve"]) == 0
+    assert main(["bench", "rayserve", "--concurrency", "2,8", "--requests-per-level", "5", "--rounds", "3"]) == 0
+    serve, rayserve, given = built
+    assert (serve.concurrency, serve.requests_per_level, serve.rounds) == ((1, 2, 4, 8, 16), 8, 1)
+    assert (rayserve.concurrency, rayserve.requests_per_level, rayserve.rounds) == ((1, 16), 16, 2)
+    assert (given.concurrency, given.requests_per_level, given.rounds) == ((2, 8), 5, 3)
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        serve_handles.RayServeBenchConfig(rounds=0)
+
+
 def test_a_bad_config_is_refused_naming_the_field():
     from specserve.bench.serve_load import ServeBenchConfig
 
@@ -46,6 +65,8 @@ def test_a_bad_config_is_refused_naming_the_field():
         ServeBenchConfig(concurrency=(4, 0))
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         ServeBenchConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        ServeBenchConfig(rounds=0)
 
 
 def test_the_chaos_suite_gets_its_faults_and_exits_1_when_a_token_was_lost(monkeypatch):

@@ -35,12 +35,12 @@ def test_spec_bench_runs_every_drafter_token_identical(tiny_chat_folder, tmp_pat
     assert (tmp_path / "spec_vs_hf.json").exists()
 
 
-def test_serve_bench_loads_a_server_in_its_own_process_over_both_apis(tiny_chat_folder, tmp_path):
+def test_serve_bench_loads_a_server_in_its_own_process_over_both_apis_in_rounds(tiny_chat_folder, tmp_path):
     report = run_serve_bench(ServeBenchConfig(model=tiny_chat_folder, concurrency=(1, 2), requests_per_level=2,
-                                              max_new_tokens=4, out=tmp_path, apis=(Api.GRPC, Api.OPENAI),
+                                              max_new_tokens=4, out=tmp_path, apis=(Api.GRPC, Api.OPENAI), rounds=2,
                                               load=LoadOptions(threads=1, progress=False)))
-    assert len(report["levels"]) == 2 * 2 * 2  # levels x apis x spec on/off
-    sent = {1: 2, 2: 4}  # at least twice the concurrency
+    assert len(report["levels"]) == 2 * 2 * 2  # levels x apis x spec on/off, each side's rounds summed
+    sent = {1: 2 * 2, 2: 2 * 4}  # rounds x at least twice the concurrency
     assert all(row["requests"] == sent[row["concurrency"]] and row["tokens"] == 4 * row["requests"]
-               for row in report["levels"])
+               and row["client_cpu_ms_per_token"] > 0 for row in report["levels"])
     assert set(report["statistics"]["openai_over_grpc_tokens_per_s"]) == {1, 2}
