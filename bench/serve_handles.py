@@ -86,7 +86,8 @@ def run_rayserve_bench(config: RayServeBenchConfig) -> dict:
         serve.start(proxy_location="Disabled")
         deployment = serve.deployment(VerifyWorker, name="verify", num_replicas=1, max_ongoing_requests=MAX_QUEUED,
                                       ray_actor_options=common)
-        handle = serve.run(deployment.bind(worker_model, MAX_QUEUED), name=APP, route_prefix=None)
+        handle = serve.run(deployment.bind(worker_model, MAX_QUEUED), name=APP, route_prefix=None,
+                           logging_config={"enable_access_log": False, "log_level": "WARNING"})
         controller = _controller_process()
         print(f"{config.model}: speculation {info.spec_method} (<= {info.max_draft_tokens} draft tokens), "
               f"{config.threads} threads; levels {list(config.concurrency)}, {config.rounds} rounds of "

@@ -6,9 +6,12 @@ server's default), side by side on the same server: aggregate tokens/s, TTFT and
 latency p50/p99. Without --server, a server is started in a child process (server_process.py: never
 in the clients' process, whose GIL it would share) on free loopback ports.
 
-`api` picks the front door: gRPC (specserve's client) or the OpenAI HTTP API (the official
-`openai` client, chat completions streamed with the `return_token_ids` extension so tokens per
-chunk are counted as over gRPC). Given both, each level runs over both APIs on the same server,
+`api` picks the front door: gRPC (specserve's client) or the OpenAI HTTP API (chat completions
+streamed with the `return_token_ids` extension so tokens per chunk are counted as over gRPC,
+read as server-sent events with the standard library, as load tools such as `vllm bench serve`
+read them). Not the `openai` package: its per-chunk models cost the client ~0.4 ms more CPU per
+token than gRPC's client (measured), which on a 2-core box is taken from the server's engine
+and showed as 5-10% fewer tokens/s over HTTP with the server doing the same work. Given both, each level runs over both APIs on the same server,
 alternating which goes first, and the report gives openai/grpc ratios (HTTP's overhead). Each
 level starts with an unmeasured warm-up (2 x concurrency requests, speculation on). With
 `rounds` > 1 a level's sides take turns that many times and each side's rounds are summed, so
@@ -17,6 +20,7 @@ process and for the clients' (on a small machine the clients' CPU is taken from 
 """
 
 import contextlib
+import http.client
 import json
 import threading
 import time
@@ -225,19 +229,40 @@ def _connect(api: Api, target: str) -> Iterator[tuple[Stream, Served]]:
 
             yield stream, Served(info.model, info.default_spec_method)
         return
-    import openai
+    host, port = target.rsplit(":", 1)
+    local, opened = threading.local(), []  # one keep-alive connection per client thread
 
-    with openai.OpenAI(base_url=f"http://{target}/v1", api_key="unused", max_retries=0) as client:
-        model = client.models.list().data[0].id
+    def post(path: str, body: dict | None = None) -> http.client.HTTPResponse:
+        if getattr(local, "connection", None) is None:
+            local.connection = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=600)
+            opened.append(local.connection)
+        local.connection.request("GET" if body is None else "POST", path, None if body is None else json.dumps(body),
+                                 {"Content-Type": "application/json"})
+        response = local.connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"{path}: HTTP {response.status}: {response.read()[:500]!r}")
+        return response
 
-        def stream(fields: dict, spec_method: str) -> Iterator[int]:
-            extra = {"ignore_eos": fields["ignore_eos"], "return_token_ids": True, "spec": {"method": spec_method},
-                     "cache_salt": fields.get("cache_salt", "")}
-            chunks = client.chat.completions.create(model=model, messages=fields["messages"], stream=True,
-                                                    max_completion_tokens=fields["max_tokens"], extra_body=extra)
-            return (len(chunk.choices[0].model_extra["token_ids"]) for chunk in chunks)
+    model = json.loads(post("/v1/models").read())["data"][0]["id"]
 
+    def stream(fields: dict, spec_method: str) -> Iterator[int]:
+        body = {"model": model, "messages": fields["messages"], "stream": True,
+                "max_completion_tokens": fields["max_tokens"], "ignore_eos": fields["ignore_eos"],
+                "return_token_ids": True, "spec": {"method": spec_method}, "cache_salt": fields.get("cache_salt", "")}
+        response = post("/v1/chat/completions", body)
+        for line in response:  # SSE: "data: {chunk}" lines, then "data: [DONE]"
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"stream failed: {chunk['error']}")
+                if chunk["choices"]:
+                    yield len(chunk["choices"][0]["token_ids"])
+
+    try:
         yield stream, Served(model, "the server's default")
+    finally:
+        for connection in opened:
+            connection.close()
 
 
 def _server_spec(config: ServeBenchConfig) -> ServerSpec:
