@@ -11,12 +11,13 @@ streamed with the `return_token_ids` extension so tokens per chunk are counted a
 read as server-sent events with the standard library, as load tools such as `vllm bench serve`
 read them). Not the `openai` package: its per-chunk models cost the client ~0.4 ms more CPU per
 token than gRPC's client (measured), which on a 2-core box is taken from the server's engine
-and showed as 5-10% fewer tokens/s over HTTP with the server doing the same work. Given both, each level runs over both APIs on the same server,
-alternating which goes first, and the report gives openai/grpc ratios (HTTP's overhead). Each
-level starts with an unmeasured warm-up (2 x concurrency requests, speculation on). With
-`rounds` > 1 a level's sides take turns that many times and each side's rounds are summed, so
-drift on a shared machine falls on every side alike. CPU per token is reported for the server
-process and for the clients' (on a small machine the clients' CPU is taken from the server).
+and showed as 5-10% fewer tokens/s over HTTP with the server doing the same work. Given both,
+each level runs over both APIs on the same server, alternating which goes first, and the report
+gives openai/grpc ratios (HTTP's overhead). Each level starts with an unmeasured warm-up (2 x
+concurrency requests, speculation on). With `rounds` > 1 a level's sides take turns that many
+times and each side's rounds are summed, so drift on a shared machine falls on every side
+alike. CPU per token is reported for the server process and for the clients' (on a small
+machine the clients' CPU is taken from the server).
 """
 
 import contextlib

@@ -25,7 +25,8 @@ def add_bench_parser(sub) -> None:
                             "actor handle at rising stream counts; "
                             "fuzz: hostile and ordinary requests against a running server (--server), then "
                             "checks that it still serves with nothing left running; "
-                            "kernels: decode and verify step time of every matmul/attention path vs the bandwidth floor; "
+                            "kernels: decode and verify step time of every matmul/attention path vs the bandwidth "
+                            "floor; "
                             "chaos: a soak of faults at random times on a multi-host cluster of network namespaces "
                             "(root), every fault's figures (tokens lost/duplicated/wrong, recovery, p99 latency)")
     bench.add_argument("--num-prompts", type=int, default=8,
